@@ -1,0 +1,1 @@
+"""MixMIM reproduction and benchmark suite."""

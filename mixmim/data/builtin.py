@@ -1,0 +1,1034 @@
+"""Small built-in stand-in datasets, written in the real datasets' on-disk formats.
+
+Why this exists: the suite must run its whole pipeline (pretraining, fine-tuning, linear
+probing, detection and segmentation transfer) on a fresh machine with no datasets, on a
+CPU, in minutes.  Instead of special "toy" loaders, this module writes tiny datasets in
+exactly the official layouts (ImageNet folders, iNaturalist/COCO JSON, Places list files,
+ADE20K PNG label maps), so the very same loaders serve both the stand-ins and the real
+data.
+
+Every image carries learnable structure and nuisance variation:
+
+* ImageNet stand-in -- the class is a *shape* (circle, star, ring, ...; past ten classes
+  also a fill style).  Position, scale, rotation, background texture and noise vary.  The
+  foreground hue is drawn from a class-specific window that overlaps its neighbours, so
+  colour is a weak cue and shape is needed for high accuracy.
+* iNaturalist stand-ins -- the class is a *texture* (stripe orientation, checks, dots,
+  rings, ...) filling a randomly placed "organism" ellipse, in random colours.
+* Places stand-ins -- the class is a *scene layout*: horizon height, sky palette, ground
+  type and skyline structure (none / buildings / trees), with jittered colours.
+* COCO stand-in -- 1-4 coloured shapes (category = shape, with a category colour) on a
+  textured background.  Objects never overlap (placement rejects overlapping bounding
+  circles), so each polygon is fully visible and boxes/masks are exact.
+* ADE20K stand-in -- street/landscape scenes painted class by class (sky, building, tree,
+  grass, road, water, car, person; 0 = "other" clutter).  The label map is painted with the
+  very masks used for the image, so it is exact; labels are PNG, images JPEG.
+
+Everything is a pure function of the seed: each image draws from its own
+``numpy.random.Generator`` keyed by (seed, dataset, split, index), so the same seed gives
+byte-identical files regardless of generation order.  Each dataset is generated into a
+hidden temporary sibling directory and renamed into place, so a killed run never leaves a
+partial dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+GENERATOR_VERSION = 1
+"""Bumped whenever the pixels a seed produces change, so caches can be invalidated."""
+
+META_FILE = "builtin_meta.json"
+"""Provenance file written at each stand-in dataset's root (not part of the real format)."""
+
+DEFAULT_ROOTS: dict[str, str] = {
+    "imagenet": "imagenet",
+    "inat2018": "inat2018",
+    "inat2019": "inat2019",
+    "places365": "places365",
+    "places205": "places205",
+    "coco": "coco",
+    "ade20k": "ade20k",
+}
+"""Dataset name -> directory (relative to the output root) that ``generate_all`` writes."""
+
+DATASETS: tuple[str, ...] = tuple(DEFAULT_ROOTS)
+
+JPEG_QUALITY = 90
+
+Float = np.ndarray  # HxWx3 float image in [0, 1]
+Polygon = np.ndarray  # (N, 2) array of (x, y) vertices in pixel coordinates
+
+
+@dataclass(frozen=True)
+class BuiltinSizes:
+    """Sizes of the generated stand-ins; the defaults generate in seconds on two cores."""
+
+    image_size: int = 64
+    num_classes: int = 10
+    train_per_class: int = 40
+    val_per_class: int = 10
+    dense_image_size: int = 128
+    dense_train: int = 80
+    dense_val: int = 20
+
+
+DEFAULT_SIZES = BuiltinSizes()
+
+
+# --------------------------------------------------------------------------------------
+# Randomness
+# --------------------------------------------------------------------------------------
+
+_SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def image_rng(seed: int, dataset: str, split: str, index: int) -> np.random.Generator:
+    """Generator for one image, keyed by position rather than draw order.
+
+    Keying by (seed, dataset, split, index) keeps every file stable when sizes or the set
+    of generated datasets change, and makes the output independent of generation order.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    key = [seed, zlib.crc32(dataset.encode()), _SPLIT_CODES[split], index]
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
+def _hex_name(*parts: object) -> str:
+    """Stable md5-looking file stem, like the hashed names of iNaturalist/Places205."""
+    return hashlib.md5("/".join(map(str, parts)).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Raster primitives
+# --------------------------------------------------------------------------------------
+
+
+def pixel_centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) coordinates of pixel centres; pixel (i, j) covers [j, j+1) x [i, i+1)."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    return xs + 0.5, ys + 0.5
+
+
+def polygon_mask(poly: Polygon, h: int, w: int) -> np.ndarray:
+    """Boolean mask of pixels whose centre lies inside ``poly`` (even-odd rule).
+
+    Implemented here rather than with a drawing library so the mask follows the exact
+    continuous polygon stored in the annotations.
+    """
+    xs, ys = pixel_centres(h, w)
+    inside = np.zeros((h, w), dtype=bool)
+    x1, y1 = poly[:, 0], poly[:, 1]
+    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    for ax, ay, bx, by in zip(x1, y1, x2, y2):
+        if ay == by:
+            continue
+        crosses = (ay > ys) != (by > ys)
+        x_at = ax + (ys - ay) * (bx - ax) / (by - ay)
+        inside ^= crosses & (xs < x_at)
+    return inside
+
+
+def polygon_area(poly: Polygon) -> float:
+    """Shoelace area of a simple polygon."""
+    x, y = poly[:, 0], poly[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def _upsample(coarse: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear upsampling of a (gh, gw, C) grid to (h, w, C)."""
+    gh, gw = coarse.shape[:2]
+    ys = np.linspace(0.0, gh - 1.0, h)
+    xs = np.linspace(0.0, gw - 1.0, w)
+    y0 = np.clip(np.floor(ys).astype(int), 0, gh - 2)
+    x0 = np.clip(np.floor(xs).astype(int), 0, gw - 2)
+    fy = (ys - y0)[:, None, None]
+    fx = (xs - x0)[None, :, None]
+    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int, channels: int = 1) -> np.ndarray:
+    """Low-frequency noise in [0, 1] of shape (h, w, channels); ``cells`` sets the blob size."""
+    coarse = rng.random((cells + 1, cells + 1, channels))
+    return _upsample(coarse, h, w)
+
+
+def hsv(h: float, s: float, v: float) -> np.ndarray:
+    """RGB triple in [0, 1] from HSV (hue wraps around)."""
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)))
+
+
+def erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary erosion with a 4-neighbourhood, ``steps`` times (used for outline fills)."""
+    out = mask.copy()
+    for _ in range(steps):
+        p = np.pad(out, 1, constant_values=False)
+        out = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return out
+
+
+def paint(img: Float, mask: np.ndarray, layer: Float | np.ndarray) -> None:
+    """Copy ``layer`` (full image or a single RGB colour) into ``img`` where ``mask``."""
+    img[mask] = layer[mask] if layer.ndim == 3 else layer
+
+
+def textured_background(rng: np.random.Generator, h: int, w: int, saturation: float = 0.35) -> Float:
+    """Random low-saturation backdrop: a base colour, colour blotches and optional stripes.
+
+    It is the nuisance every image shares, so models must look past it.
+    """
+    base = hsv(rng.random(), rng.uniform(0.0, saturation), rng.uniform(0.25, 0.85))
+    blotch = smooth_noise(rng, h, w, int(rng.integers(2, 6)), 3) - 0.5
+    img = base + rng.uniform(0.15, 0.35) * blotch
+    if rng.random() < 0.4:
+        xs, ys = pixel_centres(h, w)
+        angle = rng.uniform(0, np.pi)
+        period = rng.uniform(0.1, 0.3) * w
+        stripes = np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period)
+        img = img + 0.06 * stripes[..., None]
+    return img
+
+
+def finish(img: Float, rng: np.random.Generator, noise: float = 0.03) -> np.ndarray:
+    """Add pixel noise and quantise to uint8 (sensor-like nuisance, never label-bearing)."""
+    noisy = img + rng.normal(0.0, noise, img.shape)
+    return np.clip(np.rint(noisy * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_jpeg(path: Path, pixels: np.ndarray) -> None:
+    """Write an RGB JPEG with fixed settings (deterministic bytes for identical pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+def save_label_png(path: Path, labels: np.ndarray) -> None:
+    """Write a single-channel uint8 label map (mode "L"), as ADE20K ships them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(labels.astype(np.uint8), "L").save(path, format="PNG")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Compact JSON like the official annotation files; key order is insertion order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, separators=(",", ":")))
+
+
+# --------------------------------------------------------------------------------------
+# Shapes: unit polygons (max radius <= 1), composed by union ("+") and difference ("-")
+# --------------------------------------------------------------------------------------
+
+
+def regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0) -> Polygon:
+    """Regular n-gon centred on the origin."""
+    t = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)
+
+
+def star_polygon(points: int = 5, inner: float = 0.45) -> Polygon:
+    """Star with ``points`` tips on the unit circle."""
+    t = np.pi * np.arange(2 * points) / points - np.pi / 2
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+def _normalise(poly: Polygon) -> Polygon:
+    """Scale a polygon so its farthest vertex is at radius 1."""
+    return poly / np.max(np.hypot(poly[:, 0], poly[:, 1]))
+
+
+def _cross() -> Polygon:
+    a = 0.3
+    pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+    return _normalise(np.array(pts, dtype=float))
+
+
+def _bar() -> Polygon:
+    return _normalise(np.array([(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)], dtype=float))
+
+
+def _ell() -> Polygon:
+    pts = [(-1, -1), (-0.3, -1), (-0.3, 0.4), (1, 0.4), (1, 1), (-1, 1)]
+    return _normalise(np.array(pts, dtype=float))
+
+
+def _semicircle() -> Polygon:
+    t = np.linspace(0, np.pi, 25)
+    return _normalise(np.stack([np.cos(t), 0.45 - np.sin(t)], axis=1))
+
+
+ShapeParts = tuple[tuple[Polygon, bool], ...]  # (polygon, is_additive)
+
+SHAPES: dict[str, ShapeParts] = {
+    "circle": ((regular_polygon(48), True),),
+    "square": ((regular_polygon(4, phase=np.pi / 4), True),),
+    "triangle": ((regular_polygon(3, phase=-np.pi / 2), True),),
+    "star": ((star_polygon(), True),),
+    "cross": ((_cross(), True),),
+    "ring": ((regular_polygon(48), True), (regular_polygon(48, 0.55), False)),
+    "crescent": ((regular_polygon(48), True), (regular_polygon(48, 0.85) + [0.5, 0.0], False)),
+    "bar": ((_bar(), True),),
+    "ell": ((_ell(), True),),
+    "semicircle": ((_semicircle(), True),),
+}
+SHAPE_NAMES: tuple[str, ...] = tuple(SHAPES)
+FILL_STYLES: tuple[str, ...] = ("solid", "striped", "outline")
+
+
+def place_polygon(poly: Polygon, angle: float, scale: float, cx: float, cy: float) -> Polygon:
+    """Rotate, scale and translate a unit polygon into pixel coordinates."""
+    c, s = np.cos(angle), np.sin(angle)
+    rot = poly @ np.array([[c, s], [-s, c]])
+    return rot * scale + np.array([cx, cy])
+
+
+def shape_mask(parts: ShapeParts, angle: float, scale: float, cx: float, cy: float, h: int, w: int) -> np.ndarray:
+    """Rasterise a composed shape (unions minus holes) at the given pose."""
+    mask = np.zeros((h, w), dtype=bool)
+    for poly, additive in parts:
+        m = polygon_mask(place_polygon(poly, angle, scale, cx, cy), h, w)
+        mask = (mask | m) if additive else (mask & ~m)
+    return mask
+
+
+# --------------------------------------------------------------------------------------
+# Classification renderers
+# --------------------------------------------------------------------------------------
+
+
+def shape_class(label: int) -> tuple[str, str]:
+    """(shape, fill style) of an ImageNet stand-in class; styles extend past ten classes."""
+    shape = SHAPE_NAMES[label % len(SHAPE_NAMES)]
+    style = FILL_STYLES[label // len(SHAPE_NAMES)]
+    return shape, style
+
+
+def max_classes(dataset: str) -> int:
+    """Largest ``num_classes`` a classification stand-in can express distinctly."""
+    limits = {
+        "imagenet": len(SHAPE_NAMES) * len(FILL_STYLES),
+        "inat2018": len(TEXTURES) * 2,
+        "inat2019": len(TEXTURES) * 2,
+        "places365": SCENE_COMBOS,
+        "places205": SCENE_COMBOS,
+    }
+    return limits[dataset]
+
+
+def render_shape_image(rng: np.random.Generator, label: int, num_classes: int, size: int) -> np.ndarray:
+    """ImageNet stand-in image: one shape of the class on a textured background."""
+    shape, style = shape_class(label)
+    img = textured_background(rng, size, size)
+    radius = rng.uniform(0.22, 0.42) * size
+    cx, cy = rng.uniform(radius, size - radius, 2)
+    mask = shape_mask(SHAPES[shape], rng.uniform(0, 2 * np.pi), radius, cx, cy, size, size)
+    if style == "striped":
+        xs, ys = pixel_centres(size, size)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.12, 0.2) * size
+        mask &= np.mod((xs * np.cos(angle) + ys * np.sin(angle)) / period, 1.0) < 0.55
+    elif style == "outline":
+        mask &= ~erode(mask, max(1, round(size / 20)))
+    # Hue window 1.5 class-widths wide: colour hints at the class, shape decides it.
+    hue = (label + rng.uniform(-0.75, 0.75)) / num_classes
+    colour = hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
+    shading = 1.0 + 0.25 * (smooth_noise(rng, size, size, 3) - 0.5)
+    paint(img, mask, colour * shading)
+    return finish(img, rng)
+
+
+TexturePattern = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _rotated(angle: float) -> TexturePattern:
+    """Stripes at a fixed orientation (the orientation is what defines the class)."""
+
+    def pattern(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a = angle + rng.uniform(-0.12, 0.12)
+        return np.mod(u * np.cos(a) + v * np.sin(a), 1.0) < 0.5
+
+    return pattern
+
+
+def _checker(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (np.floor(u) + np.floor(v)) % 2 == 0
+
+
+def _dots(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.hypot(np.mod(u, 1.0) - 0.5, np.mod(v, 1.0) - 0.5) < 0.28
+
+
+def _rings(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cu, cv = u.mean() + rng.normal(0, 1.5), v.mean() + rng.normal(0, 1.5)
+    return np.mod(np.hypot(u - cu, v - cv), 1.0) < 0.5
+
+
+def _spokes(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cu, cv = u.mean() + rng.normal(0, 1.0), v.mean() + rng.normal(0, 1.0)
+    return np.mod(np.arctan2(v - cv, u - cu) * 12 / (2 * np.pi) + rng.random(), 1.0) < 0.5
+
+
+def _zigzag(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    tri = np.abs(np.mod(u, 1.0) - 0.5)
+    return np.mod(v + tri, 1.0) < 0.5
+
+
+def _hatch(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (np.mod(u, 1.0) < 0.22) | (np.mod(v, 1.0) < 0.22)
+
+
+def _waves(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.mod(v + 0.35 * np.sin(2 * np.pi * u / 2.0), 1.0) < 0.5
+
+
+def _spots(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = u.shape
+    cells = max(2, int(round((u.max() - u.min()) * 1.5)))
+    return smooth_noise(rng, h, w, cells)[..., 0] > 0.6
+
+
+TEXTURES: dict[str, TexturePattern] = {
+    "stripes_0": _rotated(0.0),
+    "stripes_90": _rotated(np.pi / 2),
+    "stripes_45": _rotated(np.pi / 4),
+    "stripes_135": _rotated(3 * np.pi / 4),
+    "checker": _checker,
+    "dots": _dots,
+    "rings": _rings,
+    "spokes": _spokes,
+    "zigzag": _zigzag,
+    "spots": _spots,
+    "hatch": _hatch,
+    "waves": _waves,
+}
+TEXTURE_NAMES: tuple[str, ...] = tuple(TEXTURES)
+
+
+def texture_class(label: int) -> tuple[str, str]:
+    """(texture, scale) of an iNaturalist stand-in class; past twelve, a fine scale too."""
+    return TEXTURE_NAMES[label % len(TEXTURE_NAMES)], ("coarse", "fine")[label // len(TEXTURE_NAMES)]
+
+
+def render_texture_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """iNaturalist stand-in image: a textured "organism" ellipse on a habitat backdrop."""
+    texture, scale = texture_class(label)
+    img = textured_background(rng, size, size, saturation=0.5)
+    period = size * rng.uniform(0.85, 1.15) * (0.16 if scale == "coarse" else 0.09)
+    xs, ys = pixel_centres(size, size)
+    pattern = TEXTURES[texture](xs / period, ys / period, rng)
+    hue = rng.random()
+    light = hsv(hue, rng.uniform(0.3, 0.9), rng.uniform(0.75, 1.0))
+    dark = hsv(hue + rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9), rng.uniform(0.05, 0.35))
+    layer = np.where(pattern[..., None], light, dark)
+    cx, cy = rng.uniform(0.35, 0.65, 2) * size
+    a, b = rng.uniform(0.32, 0.5, 2) * size
+    theta = rng.uniform(0, np.pi)
+    dx, dy = xs - cx, ys - cy
+    u = (dx * np.cos(theta) + dy * np.sin(theta)) / a
+    v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
+    paint(img, u * u + v * v < 1.0, layer)
+    return finish(img, rng)
+
+
+# Scene layouts: horizon x sky x ground x skyline, 3 options each.
+HORIZONS = (0.3, 0.5, 0.7)
+SKIES = ("day", "sunset", "night")
+GROUNDS = ("grass", "sand", "water")
+SKYLINES = ("open", "buildings", "trees")
+SCENE_COMBOS = len(HORIZONS) * len(SKIES) * len(GROUNDS) * len(SKYLINES)
+
+
+def scene_class(label: int, stride: int, offset: int) -> tuple[int, int, int, int]:
+    """Factor indices (horizon, sky, ground, skyline) of a Places stand-in class.
+
+    A stride coprime with the number of combinations spreads consecutive classes over
+    the factors, so classes differ in several visible ways; different strides give the two
+    Places stand-ins different tasks.
+    """
+    combo = (label * stride + offset) % SCENE_COMBOS
+    digits = []
+    for base in (len(HORIZONS), len(SKIES), len(GROUNDS), len(SKYLINES)):
+        digits.append(combo % base)
+        combo //= base
+    return digits[0], digits[1], digits[2], digits[3]
+
+
+def _sky_layer(rng: np.random.Generator, kind: str, h: int, w: int) -> Float:
+    """Vertical sky gradient with faint clouds, palette chosen by ``kind``."""
+    top, bottom = {
+        "day": (hsv(0.6 + rng.normal(0, 0.02), 0.75, 0.8), hsv(0.56, 0.35, 1.0)),
+        "sunset": (hsv(0.8 + rng.normal(0, 0.03), 0.6, 0.5), hsv(0.07 + rng.normal(0, 0.02), 0.85, 1.0)),
+        "night": (hsv(0.65, 0.6, 0.12), hsv(0.65 + rng.normal(0, 0.03), 0.45, 0.35)),
+    }[kind]
+    t = np.linspace(0.0, 1.0, h)[:, None, None]
+    grad = top * (1 - t) + bottom * t
+    clouds = np.clip(smooth_noise(rng, h, w, 4) - 0.6, 0, None)
+    return np.broadcast_to(grad, (h, w, 3)) + 0.5 * clouds
+
+
+def _ground_layer(rng: np.random.Generator, kind: str, h: int, w: int) -> Float:
+    """Ground texture: noisy grass, smooth dunes or rippled water."""
+    xs, ys = pixel_centres(h, w)
+    if kind == "grass":
+        base = hsv(0.28 + rng.normal(0, 0.02), 0.7, 0.55)
+        return base + 0.25 * (rng.random((h, w, 1)) - 0.5) + 0.15 * (smooth_noise(rng, h, w, 4) - 0.5)
+    if kind == "sand":
+        base = hsv(0.11 + rng.normal(0, 0.01), 0.45, 0.85)
+        dunes = np.sin(2 * np.pi * (ys / (0.12 * h) + 0.3 * np.sin(xs / (0.2 * w))))
+        return base + 0.08 * dunes[..., None]
+    base = hsv(0.58 + rng.normal(0, 0.02), 0.75, 0.5)
+    ripples = np.sin(2 * np.pi * (ys / (0.05 * h) + 0.15 * np.sin(xs / (0.1 * w))))
+    return base + 0.12 * ripples[..., None]
+
+
+def _skyline(rng: np.random.Generator, kind: str, horizon: np.ndarray, size: int) -> tuple[np.ndarray, Float]:
+    """Mask and layer of the objects standing on the horizon (buildings or trees).
+
+    ``horizon`` is the (size, size) map of the ground line's y at each pixel's column, so
+    objects stand on tilted horizons too.
+    """
+    xs, ys = pixel_centres(size, size)
+    mask = np.zeros((size, size), dtype=bool)
+    if kind == "buildings":
+        colour = hsv(rng.uniform(0, 0.15), rng.uniform(0.0, 0.3), rng.uniform(0.2, 0.45))
+        for _ in range(int(rng.integers(3, 6))):
+            x0 = rng.uniform(-0.1, 0.9) * size
+            width = rng.uniform(0.1, 0.25) * size
+            top = rng.uniform(0.15, 0.35) * size
+            mask |= (xs >= x0) & (xs < x0 + width) & (ys > horizon - top) & (ys < horizon + 1)
+        windows = (np.mod(xs, 0.08 * size) < 0.04 * size) & (np.mod(ys, 0.1 * size) < 0.05 * size)
+        layer = np.broadcast_to(colour, (size, size, 3)) + 0.35 * windows[..., None] * np.array([1.0, 0.9, 0.4])
+        return mask, layer
+    colour = hsv(0.3 + rng.normal(0, 0.03), 0.7, rng.uniform(0.2, 0.35))
+    for _ in range(int(rng.integers(3, 7))):
+        cx = rng.uniform(0, 1) * size
+        r = rng.uniform(0.07, 0.14) * size
+        cy = horizon[0, min(int(cx), size - 1)] - rng.uniform(0.3, 1.0) * r
+        mask |= np.hypot(xs - cx, ys - cy) < r
+    layer = colour + 0.2 * (rng.random((size, size, 1)) - 0.5)
+    return mask, layer
+
+
+def render_scene_image(rng: np.random.Generator, label: int, size: int, stride: int, offset: int) -> np.ndarray:
+    """Places stand-in image: a landscape whose layout and palettes are the class."""
+    h_idx, sky_idx, ground_idx, skyline_idx = scene_class(label, stride, offset)
+    xs, ys = pixel_centres(size, size)
+    level = (HORIZONS[h_idx] + rng.uniform(-0.06, 0.06)) * size
+    horizon = level + rng.uniform(-0.08, 0.08) * (xs - size / 2)
+    img = np.array(_sky_layer(rng, SKIES[sky_idx], size, size))
+    paint(img, ys >= horizon, _ground_layer(rng, GROUNDS[ground_idx], size, size))
+    if SKYLINES[skyline_idx] != "open":
+        mask, layer = _skyline(rng, SKYLINES[skyline_idx], horizon, size)
+        paint(img, mask, layer)
+    img *= rng.uniform(0.85, 1.15)  # global exposure jitter
+    return finish(img, rng)
+
+
+# --------------------------------------------------------------------------------------
+# Dense renderers: COCO-style detection, ADE20K-style segmentation
+# --------------------------------------------------------------------------------------
+
+# (category id, name, unit polygon, hue); ids deliberately non-contiguous like COCO's.
+COCO_CATEGORIES: tuple[tuple[int, str, Polygon, float], ...] = (
+    (1, "circle", regular_polygon(32), 0.0),
+    (2, "square", regular_polygon(4, phase=np.pi / 4), 0.62),
+    (3, "triangle", regular_polygon(3, phase=-np.pi / 2), 0.33),
+    (5, "star", star_polygon(), 0.15),
+    (7, "cross", _cross(), 0.83),
+    (9, "bar", _bar(), 0.5),
+)
+
+
+@dataclass(frozen=True)
+class DrawnObject:
+    """One object drawn into a COCO stand-in image, with its exact outline."""
+
+    category_id: int
+    polygon: Polygon  # vertices rounded to 0.01 px, exactly what was rasterised
+
+
+def render_coco_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[DrawnObject]]:
+    """1-4 non-overlapping category-coloured shapes on a textured background.
+
+    Overlaps are avoided by rejecting positions whose bounding circles intersect, so every
+    annotation polygon is entirely visible and boxes/masks need no occlusion handling.
+    """
+    img = textured_background(rng, size, size, saturation=0.25)
+    placed: list[tuple[float, float, float]] = []
+    objects: list[DrawnObject] = []
+    for _ in range(int(rng.integers(1, 5))):
+        cat_id, _, unit, hue = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+        for _attempt in range(30):
+            r = rng.uniform(0.08, 0.22) * size
+            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+            if all(np.hypot(cx - px, cy - py) > r + pr + 2 for px, py, pr in placed):
+                break
+        else:
+            continue
+        poly = np.round(place_polygon(unit, rng.uniform(0, 2 * np.pi), r, cx, cy), 2)
+        colour = hsv(hue + rng.normal(0, 0.02), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+        paint(img, polygon_mask(poly, size, size), colour)
+        placed.append((cx, cy, r))
+        objects.append(DrawnObject(cat_id, poly))
+    return finish(img, rng, noise=0.02), objects
+
+
+ADE_CLASSES: dict[int, str] = {
+    0: "other",
+    1: "sky",
+    2: "building",
+    3: "tree",
+    4: "grass",
+    5: "road",
+    6: "water",
+    7: "car",
+    8: "person",
+}
+"""Labels of the ADE20K stand-in: 0 is "other" (ignored in training), as in ADE20K."""
+
+
+def _paint_label(img: Float, labels: np.ndarray, mask: np.ndarray, layer: Float | np.ndarray, cls: int) -> None:
+    """Paint image and label map with the same mask, which keeps the labels exact."""
+    paint(img, mask, layer)
+    labels[mask] = cls
+
+
+def render_ade_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Outdoor scene painted in layers; returns (RGB uint8 image, uint8 label map)."""
+    xs, ys = pixel_centres(size, size)
+    img = np.zeros((size, size, 3))
+    labels = np.zeros((size, size), dtype=np.uint8)
+    horizon = rng.uniform(0.3, 0.6) * size
+
+    _paint_label(img, labels, ys < horizon, _sky_layer(rng, "day", size, size), 1)
+    _paint_label(img, labels, ys >= horizon, _ground_layer(rng, "grass", size, size), 4)
+    if rng.random() < 0.4:
+        depth = rng.uniform(0.1, 0.25) * size
+        _paint_label(img, labels, (ys >= horizon) & (ys < horizon + depth), _ground_layer(rng, "water", size, size), 6)
+
+    road = np.zeros((size, size), dtype=bool)
+    if rng.random() < 0.65:
+        vx = rng.uniform(0.3, 0.7) * size
+        t = np.clip((ys - horizon) / (size - horizon), 0, 1)
+        half = (0.03 + rng.uniform(0.3, 0.45) * t) * size
+        road = (ys >= horizon) & (np.abs(xs - vx - rng.uniform(-0.15, 0.15) * size * t) < half)
+        grey = rng.uniform(0.25, 0.4)
+        layer = grey + 0.05 * (rng.random((size, size, 1)) - 0.5)
+        dashes = (np.abs(xs - vx) < 0.01 * size + 0.02 * size * t) & (np.mod(ys, 0.1 * size) < 0.05 * size)
+        layer = np.where(dashes[..., None], 0.9, layer) * np.ones(3)
+        _paint_label(img, labels, road, layer, 5)
+
+    if rng.random() < 0.7:
+        mask, layer = _skyline(rng, "buildings", np.full((size, size), horizon), size)
+        _paint_label(img, labels, mask, layer, 2)
+    if rng.random() < 0.7:
+        mask, layer = _skyline(rng, "trees", np.full((size, size), horizon + 0.05 * size), size)
+        _paint_label(img, labels, mask, layer, 3)
+
+    if road.any() and rng.random() < 0.7:
+        for _ in range(int(rng.integers(1, 3))):
+            rows, cols = np.nonzero(road & (ys > horizon + 0.15 * (size - horizon)))
+            if rows.size == 0:
+                break
+            k = int(rng.integers(rows.size))
+            cy, cx = rows[k] + 0.5, cols[k] + 0.5
+            scale = 0.05 + 0.12 * (cy - horizon) / (size - horizon)
+            w, h = 1.6 * scale * size, 0.7 * scale * size
+            body = (np.abs(xs - cx) < w / 2) & (ys > cy - h / 2) & (ys < cy + h / 2)
+            cabin = (np.abs(xs - cx) < w / 4) & (ys > cy - h) & (ys <= cy - h / 2)
+            colour = hsv(rng.choice([0.0, 0.6, 0.14]), rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0))
+            layer = np.where(cabin[..., None], colour * 0.4, colour)
+            _paint_label(img, labels, body | cabin, layer, 7)
+
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(1, 3))):
+            cx = rng.uniform(0.1, 0.9) * size
+            feet = rng.uniform(horizon + 0.1 * (size - horizon), size)
+            tall = (0.1 + 0.2 * (feet - horizon) / (size - horizon)) * size
+            body = np.hypot((xs - cx) / (0.17 * tall), (ys - (feet - 0.4 * tall)) / (0.4 * tall)) < 1
+            head = np.hypot(xs - cx, ys - (feet - 0.88 * tall)) < 0.12 * tall
+            cloth = hsv(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.3, 0.9))
+            layer = np.where(head[..., None], hsv(0.07, 0.45, 0.85), cloth)
+            _paint_label(img, labels, body | head, layer, 8)
+
+    if rng.random() < 0.5:  # unlabelled clutter: class 0 ("other")
+        r = rng.uniform(0.04, 0.1) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        poly = place_polygon(regular_polygon(int(rng.integers(3, 7))), rng.uniform(0, 6.3), r, cx, cy)
+        colour = hsv(rng.random(), rng.uniform(0.0, 1.0), rng.uniform(0.2, 1.0))
+        _paint_label(img, labels, polygon_mask(poly, size, size), colour, 0)
+
+    img *= rng.uniform(0.9, 1.1)
+    return finish(img, rng, noise=0.02), labels
+
+
+# --------------------------------------------------------------------------------------
+# Atomic output
+# --------------------------------------------------------------------------------------
+
+
+def _replace_dir(staged: Path, dest: Path) -> None:
+    """Move ``staged`` to ``dest``, replacing whatever is there with two renames."""
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dest, old)
+        os.rename(staged, dest)
+        shutil.rmtree(old)
+    else:
+        os.rename(staged, dest)
+
+
+@contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """Yield a hidden sibling directory that becomes ``dest`` only on success.
+
+    A run killed midway leaves only a ``.<name>.<pid>.tmp`` directory, never a partial
+    dataset under the final name.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staged = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
+        yield staged
+        _replace_dir(staged, dest)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def _write_meta(root: Path, dataset: str, seed: int, **info: Any) -> None:
+    """Record provenance (no timestamps, so the bytes stay a function of the seed)."""
+    meta = {"generator": __name__, "version": GENERATOR_VERSION, "dataset": dataset, "seed": seed, **info}
+    (root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _check_classes(dataset: str, num_classes: int) -> None:
+    if not 2 <= num_classes <= max_classes(dataset):
+        raise ValueError(f"{dataset}: num_classes must be in [2, {max_classes(dataset)}], got {num_classes}")
+
+
+# --------------------------------------------------------------------------------------
+# Dataset writers
+# --------------------------------------------------------------------------------------
+
+
+def imagenet_wnid(label: int) -> str:
+    """WordNet-id-like folder name; zero padding keeps sorted order == label order."""
+    return f"n{label:08d}"
+
+
+def write_imagenet(
+    dest: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_classes: int = 10,
+    train_per_class: int = 40,
+    val_per_class: int = 10,
+) -> Path:
+    """ImageNet layout: ``train/<wnid>/<wnid>_<n>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<n>.JPEG``."""
+    _check_classes("imagenet", num_classes)
+    dest = Path(dest)
+    with staged_dir(dest) as root:
+        val_counter = 0
+        for label in range(num_classes):
+            wnid = imagenet_wnid(label)
+            for i in range(train_per_class):
+                rng = image_rng(seed, "imagenet", "train", label * train_per_class + i)
+                pixels = render_shape_image(rng, label, num_classes, image_size)
+                save_jpeg(root / "train" / wnid / f"{wnid}_{i + 1}.JPEG", pixels)
+            for i in range(val_per_class):
+                val_counter += 1
+                rng = image_rng(seed, "imagenet", "val", label * val_per_class + i)
+                pixels = render_shape_image(rng, label, num_classes, image_size)
+                save_jpeg(root / "val" / wnid / f"ILSVRC2012_val_{val_counter:08d}.JPEG", pixels)
+        classes = {imagenet_wnid(k): "_".join(shape_class(k)) for k in range(num_classes)}
+        _write_meta(root, "imagenet", seed, image_size=image_size, classes=classes,
+                    train_per_class=train_per_class, val_per_class=val_per_class)
+    return dest
+
+
+INAT_SUPERCATEGORIES = {
+    2018: ("Plantae", "Insecta", "Aves", "Fungi", "Reptilia", "Amphibia", "Mammalia", "Mollusca"),
+    2019: ("Plants", "Insects", "Birds", "Fungi", "Reptiles", "Amphibians"),
+}
+
+
+def inat_category_id(year: int, label: int) -> int:
+    """Non-contiguous category ids, so loaders must map ids to labels explicitly."""
+    return (7 + 5 * label) if year == 2018 else (100 + 13 * label)
+
+
+def write_inat(
+    dest: Path,
+    year: int,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_classes: int = 10,
+    train_per_class: int = 40,
+    val_per_class: int = 10,
+) -> Path:
+    """iNaturalist layout: ``train<year>.json``, ``val<year>.json`` and
+    ``train_val<year>/<supercategory>/<category_id>/<hash>.jpg``."""
+    name = f"inat{year}"
+    _check_classes(name, num_classes)
+    dest = Path(dest)
+    supers = INAT_SUPERCATEGORIES[year]
+    categories = [
+        {"id": inat_category_id(year, k), "name": "_".join(texture_class(k)), "supercategory": supers[k % len(supers)]}
+        for k in range(num_classes)
+    ]
+    with staged_dir(dest) as root:
+        image_id = 0
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            images, annotations = [], []
+            for label, cat in enumerate(categories):
+                for i in range(per_class):
+                    index = label * per_class + i
+                    rng = image_rng(seed, name, split, index)
+                    rel = f"train_val{year}/{cat['supercategory']}/{cat['id']}/{_hex_name(name, split, index)}.jpg"
+                    save_jpeg(root / rel, render_texture_image(rng, label, image_size))
+                    images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
+                    annotations.append({"id": image_id, "image_id": image_id, "category_id": cat["id"]})
+                    image_id += 1
+            info = {"description": f"mixmim built-in iNaturalist {year} stand-in", "year": year}
+            write_json(root / f"{split}{year}.json",
+                       {"info": info, "images": images, "annotations": annotations, "categories": categories})
+        _write_meta(root, name, seed, image_size=image_size, num_classes=num_classes,
+                    train_per_class=train_per_class, val_per_class=val_per_class)
+    return dest
+
+
+def write_inat2018(dest: Path, **kwargs: Any) -> Path:
+    """iNaturalist 2018 stand-in (see ``write_inat``)."""
+    return write_inat(dest, 2018, **kwargs)
+
+
+def write_inat2019(dest: Path, **kwargs: Any) -> Path:
+    """iNaturalist 2019 stand-in (see ``write_inat``)."""
+    return write_inat(dest, 2019, **kwargs)
+
+
+PLACES365_NAMES = (
+    "airfield", "alley", "beach", "canyon", "coast", "desert_road", "field_road", "forest_path",
+    "harbor", "highway", "lagoon", "mountain", "pasture", "skyscraper", "village", "wheat_field",
+)
+PLACES205_NAMES = (
+    "abbey", "badlands", "boardwalk", "butte", "cottage_garden", "dock", "fairway", "golf_course",
+    "lighthouse", "marsh", "ocean", "orchard", "pagoda", "rice_paddy", "tower", "valley",
+)
+
+
+def _scene_names(names: tuple[str, ...], num_classes: int) -> list[str]:
+    """Real-looking scene names, with numbered fallbacks past the list."""
+    return [names[k] if k < len(names) else f"scene_{k:03d}" for k in range(num_classes)]
+
+
+def write_places365(
+    dest: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_classes: int = 10,
+    train_per_class: int = 40,
+    val_per_class: int = 10,
+) -> Path:
+    """Places365 layout: ``places365_train_standard.txt`` over ``data_256/`` and
+    ``places365_val.txt`` over ``val_256/``."""
+    _check_classes("places365", num_classes)
+    dest = Path(dest)
+    names = _scene_names(PLACES365_NAMES, num_classes)
+    with staged_dir(dest) as root:
+        train_lines, val_lines = [], []
+        for label, scene in enumerate(names):
+            for i in range(train_per_class):
+                rng = image_rng(seed, "places365", "train", label * train_per_class + i)
+                rel = f"/{scene[0]}/{scene}/{i + 1:08d}.jpg"
+                save_jpeg(root / "data_256" / rel.lstrip("/"), render_scene_image(rng, label, image_size, 29, 0))
+                train_lines.append(f"{rel} {label}")
+        for label in range(num_classes):
+            for i in range(val_per_class):
+                rng = image_rng(seed, "places365", "val", label * val_per_class + i)
+                rel = f"Places365_val_{len(val_lines) + 1:08d}.jpg"
+                save_jpeg(root / "val_256" / rel, render_scene_image(rng, label, image_size, 29, 0))
+                val_lines.append(f"{rel} {label}")
+        (root / "places365_train_standard.txt").write_text("\n".join(train_lines) + "\n")
+        (root / "places365_val.txt").write_text("\n".join(val_lines) + "\n")
+        (root / "categories_places365.txt").write_text(
+            "".join(f"/{s[0]}/{s} {k}\n" for k, s in enumerate(names)))
+        _write_meta(root, "places365", seed, image_size=image_size, num_classes=num_classes,
+                    train_per_class=train_per_class, val_per_class=val_per_class)
+    return dest
+
+
+PLACES205_IMAGE_DIR = "data/vision/torralba/deeplearning/images256"
+
+
+def write_places205(
+    dest: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_classes: int = 10,
+    train_per_class: int = 40,
+    val_per_class: int = 10,
+) -> Path:
+    """Places205 layout: ``trainvalsplit_places205/{train,val}_places205.csv`` with lines
+    ``a/abbey/gsun_<hash>.jpg <label>`` over ``data/vision/torralba/deeplearning/images256/``."""
+    _check_classes("places205", num_classes)
+    dest = Path(dest)
+    names = _scene_names(PLACES205_NAMES, num_classes)
+    with staged_dir(dest) as root:
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            lines = []
+            for label, scene in enumerate(names):
+                for i in range(per_class):
+                    index = label * per_class + i
+                    rng = image_rng(seed, "places205", split, index)
+                    rel = f"{scene[0]}/{scene}/gsun_{_hex_name('places205', split, index)}.jpg"
+                    save_jpeg(root / PLACES205_IMAGE_DIR / rel, render_scene_image(rng, label, image_size, 34, 5))
+                    lines.append(f"{rel} {label}")
+            out = root / "trainvalsplit_places205" / f"{split}_places205.csv"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(lines) + "\n")
+        _write_meta(root, "places205", seed, image_size=image_size, num_classes=num_classes,
+                    train_per_class=train_per_class, val_per_class=val_per_class)
+    return dest
+
+
+def coco_annotation(ann_id: int, image_id: int, obj: DrawnObject) -> dict[str, Any]:
+    """COCO instance annotation whose box, area and polygon all come from the drawn outline."""
+    poly = obj.polygon
+    x0, y0 = poly.min(axis=0)
+    x1, y1 = poly.max(axis=0)
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": obj.category_id,
+        "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
+        "area": round(polygon_area(poly), 2),
+        "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+        "iscrowd": 0,
+    }
+
+
+COCO_VAL_FIRST_ID = 500_000
+
+
+def write_coco(dest: Path, *, seed: int = 0, image_size: int = 128, num_train: int = 80, num_val: int = 20) -> Path:
+    """COCO 2017 layout: ``annotations/instances_{train,val}2017.json``, ``{train,val}2017/%012d.jpg``."""
+    dest = Path(dest)
+    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _, _ in COCO_CATEGORIES]
+    with staged_dir(dest) as root:
+        ann_id = 1
+        for split, count, first_id in (("train", num_train, 1), ("val", num_val, COCO_VAL_FIRST_ID)):
+            images, annotations = [], []
+            for i in range(count):
+                image_id = first_id + i
+                pixels, objects = render_coco_image(image_rng(seed, "coco", split, i), image_size)
+                file_name = f"{image_id:012d}.jpg"
+                save_jpeg(root / f"{split}2017" / file_name, pixels)
+                images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+                for obj in objects:
+                    annotations.append(coco_annotation(ann_id, image_id, obj))
+                    ann_id += 1
+            info = {"description": "mixmim built-in COCO stand-in", "version": "1.0", "year": 2017}
+            write_json(root / "annotations" / f"instances_{split}2017.json",
+                       {"info": info, "licenses": [], "images": images, "annotations": annotations,
+                        "categories": categories})
+        _write_meta(root, "coco", seed, image_size=image_size, num_train=num_train, num_val=num_val)
+    return dest
+
+
+ADE_DIR = "ADEChallengeData2016"
+
+
+def write_ade20k(dest: Path, *, seed: int = 0, image_size: int = 128, num_train: int = 80, num_val: int = 20) -> Path:
+    """ADE20K (SceneParsing) layout under ``ADEChallengeData2016/{images,annotations}/{training,validation}``."""
+    dest = Path(dest)
+    with staged_dir(dest) as root:
+        for split, folder, prefix, count in (("train", "training", "ADE_train", num_train),
+                                             ("val", "validation", "ADE_val", num_val)):
+            for i in range(count):
+                pixels, labels = render_ade_image(image_rng(seed, "ade20k", split, i), image_size)
+                stem = f"{prefix}_{i + 1:08d}"
+                save_jpeg(root / ADE_DIR / "images" / folder / f"{stem}.jpg", pixels)
+                save_label_png(root / ADE_DIR / "annotations" / folder / f"{stem}.png", labels)
+        _write_meta(root, "ade20k", seed, image_size=image_size, num_train=num_train, num_val=num_val,
+                    classes={str(k): v for k, v in ADE_CLASSES.items()})
+    return dest
+
+
+# --------------------------------------------------------------------------------------
+# Everything at once
+# --------------------------------------------------------------------------------------
+
+
+def _writer_args(name: str, seed: int, sizes: BuiltinSizes) -> dict[str, Any]:
+    """Keyword arguments of each writer derived from the shared size settings."""
+    if name in ("coco", "ade20k"):
+        return {"seed": seed, "image_size": sizes.dense_image_size, "num_train": sizes.dense_train,
+                "num_val": sizes.dense_val}
+    return {"seed": seed, "image_size": sizes.image_size, "num_classes": sizes.num_classes,
+            "train_per_class": sizes.train_per_class, "val_per_class": sizes.val_per_class}
+
+
+WRITERS: dict[str, Callable[..., Path]] = {
+    "imagenet": write_imagenet,
+    "inat2018": write_inat2018,
+    "inat2019": write_inat2019,
+    "places365": write_places365,
+    "places205": write_places205,
+    "coco": write_coco,
+    "ade20k": write_ade20k,
+}
+
+
+def generate_all(
+    root: Path | str,
+    seed: int = 0,
+    sizes: BuiltinSizes = DEFAULT_SIZES,
+    datasets: Iterable[str] | None = None,
+    on_done: Callable[[str, Path], None] | None = None,
+) -> dict[str, Path]:
+    """Write the chosen stand-ins (default: all) under ``root/<DEFAULT_ROOTS[name]>``.
+
+    Each dataset is replaced atomically on its own, so an interrupted call keeps every
+    dataset finished before the interruption.  ``on_done`` is called after each one.
+    """
+    names = list(DATASETS if datasets is None else datasets)
+    unknown = sorted(set(names) - set(WRITERS))
+    if unknown:
+        raise ValueError(f"unknown datasets {unknown}; choose from {list(WRITERS)}")
+    root = Path(root)
+    written: dict[str, Path] = {}
+    for name in names:
+        written[name] = WRITERS[name](root / DEFAULT_ROOTS[name], **_writer_args(name, seed, sizes))
+        if on_done is not None:
+            on_done(name, written[name])
+    return written
+
+
+def sizes_dict(sizes: BuiltinSizes) -> dict[str, int]:
+    """Plain dict of the size settings (for logging and stage parameters)."""
+    return asdict(sizes)

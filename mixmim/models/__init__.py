@@ -1,0 +1,11 @@
+"""MixMIM models: encoder, pretraining model, classifier, and their registry."""
+
+from .classifier import MixMIMClassifier
+from .encoder import MixMIMEncoder
+from .pretrain import FILLS, UNMIX, MixMIMPretrainer, PretrainOutput, patchify, unpatchify
+from .registry import MODEL_SIZES, ModelSize, build_classifier, build_pretrainer
+
+__all__ = [
+    "FILLS", "MODEL_SIZES", "UNMIX", "MixMIMClassifier", "MixMIMEncoder", "MixMIMPretrainer",
+    "ModelSize", "PretrainOutput", "build_classifier", "build_pretrainer", "patchify", "unpatchify",
+]

@@ -1,0 +1,269 @@
+"""The MixMIM pretraining model: mixed input, group-restricted encoder, dual reconstruction.
+
+Sections 2.2-2.3 of the paper, with every ablation of section 5 as a constructor
+argument (defaults are the paper's choices):
+
+- ``fill`` (Table 6): what replaces an image's masked cells. ``mix`` takes the
+  partner image's tokens (image i is paired with image B-1-i); ``zero`` uses zeros;
+  ``learnable`` a shared learned token; ``shuffle`` the image's own masked cells in a
+  random order (a jigsaw at mask-cell granularity); ``zoomin`` the tokens of a random
+  crop of the image enlarged ``zoom`` times.
+- ``dual`` (Table 7): reconstruct both images (one decoder pass of 2B) or only the
+  first. Only ``fill="mix"`` has a second image, so dual defaults to ``fill == "mix"``.
+- ``mask_type`` (Table 8): ``random`` cells or one ``block``; ``range_mask_ratio`` adds
+  U(0, range) to the ratio once per batch.
+- ``unmix`` (Table 10): ``masked_attention`` (a token attends only to its own group),
+  ``mix_embedding`` (two learned vectors per stage added at each stage's start) or
+  ``none``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .encoder import MixMIMEncoder, upsample_mask
+from .layers import Size2, init_transformer_weights, sincos_pos_embed_2d
+from .masking import MASK_TYPES, check_mask, sample_mask
+
+FILLS = ("mix", "zero", "learnable", "shuffle", "zoomin")
+UNMIX = ("masked_attention", "mix_embedding", "none")
+
+
+@dataclass
+class PretrainOutput:
+    """What one pretraining forward pass returns.
+
+    ``pred`` is (2B, L, stride**2 * 3) with dual reconstruction (rows 0..B-1 decoded from
+    the group where mask == 0, rows B..2B-1 from the group where mask == 1), (B, L, ...)
+    with single reconstruction. ``latent`` is the encoder output after its final norm.
+    """
+
+    loss: Tensor
+    pred: Tensor
+    latent: Tensor
+    mask: Tensor
+
+
+def patchify(imgs: Tensor, cell: int) -> Tensor:
+    """(B, C, H, W) -> (B, L, cell*cell*C), each row ordered (row, column, channel)."""
+    b, c, h, w = imgs.shape
+    x = imgs.reshape(b, c, h // cell, cell, w // cell, cell)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // cell) * (w // cell), cell * cell * c)
+
+
+def unpatchify(x: Tensor, cell: int, grid: Size2, channels: int = 3) -> Tensor:
+    """Inverse of :func:`patchify`."""
+    b = x.shape[0]
+    h, w = grid
+    x = x.reshape(b, h, w, cell, cell, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, h * cell, w * cell)
+
+
+class MixMIMDecoder(nn.Module):
+    """Linear projection to the decoder width, mask-token filling, ViT blocks, pixel head."""
+
+    def __init__(self, in_dim: int, grid: Size2, out_dim: int, dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder_num_heads={num_heads} does not divide decoder_dim={dim}")
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+        self.apply(init_transformer_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, mask: Tensor, dual: bool) -> Tensor:
+        """Decode twice (dual) or once: the mask token replaces the other group's cells."""
+        x = self.embed(latent)
+        m = mask.reshape(1, -1, 1).to(x.dtype)
+        tok = self.mask_token.to(x.dtype)
+        branches = [x * (1 - m) + tok * m]
+        if dual:
+            branches.append(x * m + tok * (1 - m))
+        x = torch.cat(branches, dim=0) + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))
+
+
+class MixMIMPretrainer(nn.Module):
+    """Encoder + decoder trained by reconstructing the images behind a mixed input."""
+
+    def __init__(
+        self,
+        img_size: int | Size2 = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int | Sequence[int] = (14, 14, 14, 7),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        norm_pix_loss: bool = True,
+        mask_ratio: float = 0.5,
+        range_mask_ratio: float = 0.0,
+        mask_type: str = "random",
+        fill: str = "mix",
+        dual: bool | None = None,
+        unmix: str = "masked_attention",
+        zoom: float = 2.0,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if fill not in FILLS:
+            raise ValueError(f"fill={fill!r}; expected one of {FILLS}")
+        if unmix not in UNMIX:
+            raise ValueError(f"unmix={unmix!r}; expected one of {UNMIX}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type={mask_type!r}; expected one of {MASK_TYPES}")
+        if not 0.0 < mask_ratio < 1.0 or range_mask_ratio < 0 or mask_ratio + range_mask_ratio >= 1.0:
+            raise ValueError(
+                f"mask_ratio={mask_ratio}, range_mask_ratio={range_mask_ratio}; expected "
+                "0 < mask_ratio and mask_ratio + range_mask_ratio < 1"
+            )
+        if dual is None:
+            dual = fill == "mix"
+        if dual and fill != "mix":
+            raise ValueError(
+                f"dual=True with fill={fill!r}: only fill='mix' puts a second image in the input; "
+                "use dual=False for the other fills"
+            )
+        if zoom <= 1.0:
+            raise ValueError(f"zoom={zoom}; expected a zoom-in factor > 1")
+        self.encoder = MixMIMEncoder(
+            img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio,
+            qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, use_checkpoint,
+        )
+        enc = self.encoder
+        self.stride = enc.stride
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = mask_ratio
+        self.range_mask_ratio = range_mask_ratio
+        self.mask_type = mask_type
+        self.fill = fill
+        self.dual = dual
+        self.unmix = unmix
+        self.zoom = zoom
+        self.decoder = MixMIMDecoder(
+            enc.num_features, enc.mask_grid, self.stride**2 * in_chans, decoder_dim, decoder_depth,
+            decoder_num_heads, mlp_ratio,
+        )
+        self.fill_token = nn.Parameter(torch.zeros(1, 1, enc.dims[0])) if fill == "learnable" else None
+        if self.fill_token is not None:
+            nn.init.normal_(self.fill_token, std=0.02)
+        self.mix_embed = None
+        if unmix == "mix_embedding":
+            self.mix_embed = nn.ParameterList(nn.Parameter(torch.zeros(2, d)) for d in enc.dims)
+            for p in self.mix_embed:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    # ------------------------------------------------------------------ #
+    @property
+    def num_cells(self) -> int:
+        h, w = self.encoder.mask_grid
+        return h * w
+
+    def sample_mask(self, device: torch.device | None = None) -> Tensor:
+        return sample_mask(self.encoder.mask_grid, self.mask_type, self.mask_ratio, self.range_mask_ratio, device)
+
+    def _shuffle_cells(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Each image's masked cells (blocks of tokens) in an independent random order."""
+        b, _, c = tokens.shape
+        gh, gw = self.encoder.mask_grid
+        f = 2 ** (self.encoder.num_stages - 1)
+        cells = tokens.view(b, gh, f, gw, f, c).permute(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, f * f * c)
+        masked = mask[0].nonzero().squeeze(1)
+        order = torch.rand(b, masked.numel(), device=tokens.device).argsort(dim=1)
+        source = torch.arange(gh * gw, device=tokens.device).repeat(b, 1)
+        source[:, masked] = masked[order]
+        cells = cells.gather(1, source.unsqueeze(-1).expand_as(cells))
+        return cells.view(b, gh, gw, f, f, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+
+    def _zoomed_images(self, imgs: Tensor) -> Tensor:
+        """A random crop, of the original size, of each image enlarged ``zoom`` times."""
+        b, _, h, w = imgs.shape
+        big = F.interpolate(imgs, scale_factor=self.zoom, mode="bilinear", align_corners=False)
+        tops = torch.randint(0, big.shape[-2] - h + 1, (b,)).tolist()
+        lefts = torch.randint(0, big.shape[-1] - w + 1, (b,)).tolist()
+        return torch.stack([big[i, :, t:t + h, s:s + w] for i, (t, s) in enumerate(zip(tops, lefts))])
+
+    def fill_tokens(self, imgs: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The tokens that replace each image's masked cells (Table 6)."""
+        if self.fill == "mix":
+            return tokens.flip(0)
+        if self.fill == "zero":
+            return torch.zeros_like(tokens)
+        if self.fill == "learnable":
+            return self.fill_token.to(tokens.dtype).expand_as(tokens)
+        if self.fill == "shuffle":
+            return self._shuffle_cells(tokens, mask)
+        return self.encoder.patch_embed(self._zoomed_images(imgs))
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
+        """Mix (Eq. 1) at the patch-token level and encode; returns the normed latent."""
+        enc = self.encoder
+        tokens = enc.embed(imgs)
+        m1 = upsample_mask(mask, enc.mask_grid, 2 ** (enc.num_stages - 1)).reshape(1, -1, 1).to(tokens.dtype)
+        x = tokens * (1 - m1) + self.fill_tokens(imgs, tokens, mask) * m1
+        outs = enc.forward_stages(
+            x, mask, restrict_attention=self.unmix == "masked_attention",
+            mix_embeds=list(self.mix_embed) if self.mix_embed is not None else None,
+        )
+        return enc.norm(outs[-1])
+
+    def targets(self, imgs: Tensor) -> Tensor:
+        """Per-cell pixel targets, normalised per cell when ``norm_pix_loss``."""
+        target = patchify(imgs, self.stride)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Eq. (2): dual loss over every cell of the unmixed reconstruction; single loss on masked cells."""
+        target = self.targets(imgs).float()
+        pred = pred.float()
+        b = imgs.shape[0]
+        m = mask.reshape(1, -1, 1).float()
+        if self.dual:
+            unmixed = pred[:b] * m + pred[b:].flip(0) * (1 - m)
+            return ((unmixed - target) ** 2).mean()
+        per_cell = ((pred[:b] - target) ** 2).mean(dim=-1, keepdim=True)
+        return (per_cell * m).sum() / (m.sum() * b).clamp(min=1.0)
+
+    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+        if mask is None:
+            mask = self.sample_mask(imgs.device)
+        else:
+            mask = check_mask(mask, self.num_cells).to(imgs.device)
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.decoder(latent, mask, self.dual)
+        return PretrainOutput(loss=self.loss(imgs, pred, mask), pred=pred, latent=latent, mask=mask)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names kept out of weight decay besides norms and biases: tables, mask and mix tokens."""
+        names = {"encoder." + n for n in self.encoder.no_weight_decay()}
+        names.add("decoder.mask_token")
+        for n, _ in self.named_parameters():
+            if n.startswith(("fill_token", "mix_embed")):
+                names.add(n)
+        return names

@@ -1,0 +1,81 @@
+"""Registered model sizes and the two builders everything else goes through.
+
+The paper's sizes (section 2.2) plus two small ones for CPU work. A builder takes a
+registered name with overrides, or the explicit arguments of the original
+constructor (img_size, patch_size, embed_dim, depths, num_heads, window_size,
+decoder_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .classifier import MixMIMClassifier
+from .pretrain import MixMIMPretrainer
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Architecture of one registered size; ``drop_path_rate`` is the finetuning value."""
+
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: tuple[int, ...] = (14, 14, 14, 7)
+    img_size: int = 224
+    patch_size: int = 4
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    drop_path_rate: float = 0.1
+    notes: str = field(default="", compare=False)
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    "mixmim_base": ModelSize(128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.1, notes="MixMIM-B, paper"),
+    "mixmim_large": ModelSize(192, (2, 2, 18, 2), (6, 12, 24, 48), drop_path_rate=0.2, notes="MixMIM-L, paper"),
+    "mixmim_huge": ModelSize(352, (2, 2, 18, 2), (11, 22, 44, 88), drop_path_rate=0.3, notes="MixMIM-H, paper"),
+    # Small sizes for CPU runs on the built-in data (64 px images, stride 32 -> a 2x2 mask grid).
+    "mixmim_tiny": ModelSize(64, (1, 1, 3, 1), (2, 4, 8, 16), window_size=(8, 8, 4, 2), img_size=64,
+                             decoder_dim=128, decoder_depth=2, decoder_num_heads=4, drop_path_rate=0.1,
+                             notes="CPU size"),
+    "mixmim_nano": ModelSize(32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=(8, 8, 4, 2), img_size=64,
+                             decoder_dim=64, decoder_depth=2, decoder_num_heads=4, drop_path_rate=0.0,
+                             notes="CPU size; the architecture of the reference test model"),
+}
+
+_PRETRAIN_ONLY = ("decoder_dim", "decoder_depth", "decoder_num_heads")
+
+
+def _resolve(name: str | None, overrides: dict[str, Any], keep_decoder: bool) -> dict[str, Any]:
+    if name is None:
+        return dict(overrides)
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_SIZES)}")
+    kwargs = {k: v for k, v in asdict(MODEL_SIZES[name]).items() if k != "notes"}
+    if not keep_decoder:
+        for key in _PRETRAIN_ONLY:
+            kwargs.pop(key)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_pretrainer(name: str | None = None, **kwargs: Any) -> MixMIMPretrainer:
+    """``build_pretrainer("mixmim_base", fill="zero", dual=False)`` or ``build_pretrainer(embed_dim=..., ...)``.
+
+    Pretraining uses no stochastic depth by default (the registry's drop path is the
+    finetuning value); pass ``drop_path_rate`` to change that.
+    """
+    resolved = _resolve(name, kwargs, keep_decoder=True)
+    if name is not None and "drop_path_rate" not in kwargs:
+        resolved["drop_path_rate"] = 0.0
+    return MixMIMPretrainer(**resolved)
+
+
+def build_classifier(name: str | None = None, num_classes: int = 1000, **kwargs: Any) -> MixMIMClassifier:
+    """``build_classifier("mixmim_base", num_classes=10)`` or with explicit encoder arguments."""
+    resolved = _resolve(name, kwargs, keep_decoder=False)
+    for key in _PRETRAIN_ONLY + ("norm_pix_loss",):
+        resolved.pop(key, None)
+    return MixMIMClassifier(num_classes=num_classes, **resolved)
