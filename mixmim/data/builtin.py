@@ -343,8 +343,8 @@ def render_shape_image(rng: np.random.Generator, label: int, num_classes: int, s
         mask &= np.mod((xs * np.cos(angle) + ys * np.sin(angle)) / period, 1.0) < 0.55
     elif style == "outline":
         mask &= ~erode(mask, max(1, round(size / 20)))
-    # Hue window 1.5 class-widths wide: colour hints at the class, shape decides it.
-    hue = (label + rng.uniform(-0.75, 0.75)) / num_classes
+    # Hue window two class-widths wide: colour hints at the class, shape decides it.
+    hue = (label + rng.uniform(-1.0, 1.0)) / num_classes
     colour = hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
     shading = 1.0 + 0.25 * (smooth_noise(rng, size, size, 3) - 0.5)
     paint(img, mask, colour * shading)

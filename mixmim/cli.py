@@ -1,0 +1,53 @@
+"""The ``mixmim`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .models import MODEL_SIZES
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .flops import model_info
+
+    names = sorted(MODEL_SIZES) if args.all else [args.model]
+    if not args.all and args.model is None:
+        print("mixmim info: give a MODEL or --all", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        try:
+            rows.append(model_info(name, args.img_size).as_dict())
+        except ValueError as err:
+            print(f"mixmim info: {err}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=None if len(rows) == 1 else 2))
+    else:
+        print(f"{'model':<14} {'img_size':>8} {'params (M)':>11} {'GFLOPs':>8}")
+        for r in rows:
+            print(f"{r['model']:<14} {r['img_size']:>8} {r['params_m']:>11.2f} {r['gflops']:>8.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixmim", description="MixMIM reproduction suite")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameters and FLOPs (multiply-adds) of a registered model")
+    info.add_argument("model", nargs="?", help=f"one of {', '.join(sorted(MODEL_SIZES))}")
+    info.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    info.add_argument("--json", action="store_true", help="print JSON: model, img_size, params_m, gflops")
+    info.add_argument("--all", action="store_true", help="every registered model")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Tests of the built-in stand-in datasets: official layouts, consistency, determinism,
+atomic replacement and learnability (the reason the stand-ins exist at all)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mixmim.data import builtin
+from mixmim.data.builtin import (
+    ADE_CLASSES,
+    DATASETS,
+    DEFAULT_ROOTS,
+    BuiltinSizes,
+    generate_all,
+    write_imagenet,
+    write_inat2018,
+    write_places365,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = BuiltinSizes(image_size=32, num_classes=3, train_per_class=2, val_per_class=2,
+                    dense_image_size=64, dense_train=4, dense_val=2)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("builtin")
+    generate_all(out, seed=0, sizes=TINY)
+    return out
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def test_every_dataset_written_under_default_root(root: Path) -> None:
+    assert set(DEFAULT_ROOTS) == set(DATASETS)
+    for name in DATASETS:
+        assert (root / DEFAULT_ROOTS[name] / builtin.META_FILE).is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+
+
+def test_imagenet_layout(root: Path) -> None:
+    base = root / "imagenet"
+    for split, per_class in (("train", TINY.train_per_class), ("val", TINY.val_per_class)):
+        classes = sorted(p.name for p in (base / split).iterdir())
+        assert classes == [f"n{k:08d}" for k in range(TINY.num_classes)]
+        for wnid in classes:
+            files = sorted((base / split / wnid).iterdir())
+            assert len(files) == per_class and all(f.suffix == ".JPEG" for f in files)
+            with Image.open(files[0]) as im:
+                assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (TINY.image_size,) * 2)
+    assert re.fullmatch(r"ILSVRC2012_val_\d{8}\.JPEG", next((base / "val" / "n00000000").iterdir()).name)
+
+
+@pytest.mark.parametrize("year", [2018, 2019])
+def test_inat_json_consistent(root: Path, year: int) -> None:
+    base = root / f"inat{year}"
+    seen: set[str] = set()
+    for split, per_class in (("train", TINY.train_per_class), ("val", TINY.val_per_class)):
+        data = json.loads((base / f"{split}{year}.json").read_text())
+        cats = {c["id"]: c for c in data["categories"]}
+        assert set(cats) != set(range(len(cats))), "category ids should not be 0..n-1"
+        assert all(set(c) >= {"id", "name", "supercategory"} for c in cats.values())
+        images = {im["id"]: im for im in data["images"]}
+        assert len(images) == TINY.num_classes * per_class
+        assert sorted(a["image_id"] for a in data["annotations"]) == sorted(images)
+        for ann in data["annotations"]:
+            im, cat = images[ann["image_id"]], cats[ann["category_id"]]
+            assert im["file_name"].startswith(f"train_val{year}/{cat['supercategory']}/{cat['id']}/")
+            assert (base / im["file_name"]).is_file()
+            with Image.open(base / im["file_name"]) as pic:
+                assert pic.size == (im["width"], im["height"])
+        seen_now = {im["file_name"] for im in images.values()}
+        assert not seen & seen_now, "train and val share files"
+        seen |= seen_now
+
+
+def test_places365_lists(root: Path) -> None:
+    base = root / "places365"
+    train = (base / "places365_train_standard.txt").read_text().splitlines()
+    val = (base / "places365_val.txt").read_text().splitlines()
+    assert len(train) == TINY.num_classes * TINY.train_per_class
+    assert len(val) == TINY.num_classes * TINY.val_per_class
+    for line in train:
+        m = re.fullmatch(r"(/([a-z])/(\2[a-z_]*)/\d{8}\.jpg) (\d+)", line)
+        assert m, line
+        assert (base / "data_256" / m.group(1).lstrip("/")).is_file()
+        assert int(m.group(4)) < TINY.num_classes
+    for line in val:
+        m = re.fullmatch(r"(Places365_val_\d{8}\.jpg) (\d+)", line)
+        assert m, line
+        assert (base / "val_256" / m.group(1)).is_file()
+
+
+def test_places205_lists(root: Path) -> None:
+    base = root / "places205"
+    for split, per_class in (("train", TINY.train_per_class), ("val", TINY.val_per_class)):
+        lines = (base / "trainvalsplit_places205" / f"{split}_places205.csv").read_text().splitlines()
+        assert len(lines) == TINY.num_classes * per_class
+        for line in lines:
+            m = re.fullmatch(r"(([a-z])/\2[a-z_]*/gsun_[0-9a-f]{32}\.jpg) (\d+)", line)
+            assert m, line
+            assert (base / builtin.PLACES205_IMAGE_DIR / m.group(1)).is_file()
+            assert int(m.group(3)) < TINY.num_classes
+
+
+def _shoelace(flat: list[float]) -> float:
+    xy = np.array(flat).reshape(-1, 2)
+    return float(abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))) / 2)
+
+
+def _pil_mask(flat: list[float], size: tuple[int, int]) -> np.ndarray:
+    """Independent rasterisation (PIL) of a COCO polygon."""
+    canvas = Image.new("L", size, 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in np.array(flat).reshape(-1, 2)], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_annotations_consistent(root: Path, split: str) -> None:
+    base = root / "coco"
+    data = json.loads((base / "annotations" / f"instances_{split}2017.json").read_text())
+    cat_ids = [c["id"] for c in data["categories"]]
+    assert cat_ids != list(range(1, len(cat_ids) + 1)), "category ids should have gaps like COCO's"
+    images = {im["id"]: im for im in data["images"]}
+    assert len(images) == (TINY.dense_train if split == "train" else TINY.dense_val)
+    for im in images.values():
+        assert im["file_name"] == f"{im['id']:012d}.jpg"
+        with Image.open(base / f"{split}2017" / im["file_name"]) as pic:
+            assert pic.size == (im["width"], im["height"])
+    assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
+    per_image: dict[int, list[np.ndarray]] = {}
+    for ann in data["annotations"]:
+        assert ann["category_id"] in cat_ids and ann["iscrowd"] == 0
+        im = images[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0
+        assert x + w <= im["width"] and y + h <= im["height"]
+        (poly,) = ann["segmentation"]
+        xy = np.array(poly).reshape(-1, 2)
+        assert np.allclose([xy[:, 0].min(), xy[:, 1].min(), np.ptp(xy[:, 0]), np.ptp(xy[:, 1])], [x, y, w, h], atol=0.02)
+        assert abs(_shoelace(poly) - ann["area"]) < 0.05
+        mask = _pil_mask(poly, (im["width"], im["height"]))
+        perimeter = float(np.hypot(*np.diff(np.vstack([xy, xy[:1]]), axis=0).T).sum())
+        assert abs(mask.sum() - ann["area"]) <= 0.6 * perimeter + 4
+        per_image.setdefault(im["id"], []).append(mask)
+    for masks in per_image.values():  # objects are placed without overlap
+        assert (np.sum(masks, axis=0) <= 1).all()
+
+
+def test_coco_polygons_trace_drawn_objects(tmp_path: Path) -> None:
+    """Inside each polygon the image is one flat colour; just outside it is not."""
+    base = builtin.write_coco(tmp_path / "coco", seed=3, image_size=128, num_train=6, num_val=1)
+    data = json.loads((base / "annotations" / "instances_train2017.json").read_text())
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    checked = 0
+    for ann in data["annotations"]:
+        img = _rgb(base / "train2017" / names[ann["image_id"]])
+        mask = _pil_mask(ann["segmentation"][0], img.shape[1::-1])
+        core = builtin.erode(mask, 2)
+        if core.sum() < 20:
+            continue
+        ring = builtin.erode(~mask, 1) & ~builtin.erode(~mask, 4)
+        inside, outside = img[core].mean(0), img[ring].mean(0)
+        assert img[core].std(0).max() < 0.06
+        assert np.abs(inside - outside).max() > 0.1
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("split,folder,prefix", [("train", "training", "ADE_train"), ("val", "validation", "ADE_val")])
+def test_ade20k_label_maps(root: Path, split: str, folder: str, prefix: str) -> None:
+    base = root / "ade20k" / "ADEChallengeData2016"
+    images = sorted((base / "images" / folder).iterdir())
+    assert len(images) == (TINY.dense_train if split == "train" else TINY.dense_val)
+    for path in images:
+        assert re.fullmatch(rf"{prefix}_\d{{8}}\.jpg", path.name)
+        label_path = base / "annotations" / folder / (path.stem + ".png")
+        with Image.open(label_path) as lab, Image.open(path) as pic:
+            assert lab.format == "PNG" and lab.mode == "L" and lab.size == pic.size
+            labels = np.asarray(lab)
+        assert labels.dtype == np.uint8 and labels.ndim == 2
+        assert set(np.unique(labels)) <= set(ADE_CLASSES)
+        assert (labels == 1).any() and (labels == 4).any(), "every scene has sky and grass"
+
+
+def test_ade20k_labels_follow_painted_regions(tmp_path: Path) -> None:
+    """Each class's pixels have that class's look (e.g. sky is bright and blue)."""
+    base = builtin.write_ade20k(tmp_path / "ade", seed=1, image_size=96, num_train=6, num_val=1)
+    root = base / "ADEChallengeData2016"
+    pixels: dict[int, list[np.ndarray]] = {}
+    for path in sorted((root / "images" / "training").iterdir()):
+        img = _rgb(path)
+        labels = np.asarray(Image.open(root / "annotations" / "training" / (path.stem + ".png")))
+        for cls in np.unique(labels):
+            pixels.setdefault(int(cls), []).append(img[builtin.erode(labels == cls, 1)])
+    sky, grass = np.concatenate(pixels[1]).mean(0), np.concatenate(pixels[4]).mean(0)
+    assert sky[2] > sky[0] + 0.1 and sky[2] > 0.6  # blue and bright
+    assert grass[1] > grass[0] + 0.1 and grass[1] > grass[2] + 0.1  # green
+
+
+def test_same_seed_same_bytes_different_seed_different_images(root: Path, tmp_path: Path) -> None:
+    generate_all(tmp_path / "again", seed=0, sizes=TINY)
+    generate_all(tmp_path / "other", seed=1, sizes=TINY)
+    for name in DATASETS:
+        first, again = _files(root / name), _files(tmp_path / "again" / name)
+        assert first == again, name
+        other = _files(tmp_path / "other" / name)
+        images = [k for k in first if k.lower().endswith((".jpeg", ".jpg"))]
+        assert images
+        assert sum(first[k] != other.get(k) for k in images) >= 0.9 * len(images), name
+
+
+def test_existing_dataset_replaced_and_failure_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "imagenet"
+    (dest / "train" / "stale").mkdir(parents=True)
+    write_imagenet(dest, seed=0, image_size=16, num_classes=2, train_per_class=1, val_per_class=1)
+    assert not (dest / "train" / "stale").exists()
+    before = _files(dest)
+
+    calls = {"n": 0}
+    real_save = builtin.save_jpeg
+
+    def failing_save(path: Path, pixels: np.ndarray) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # like a run killed midway
+        real_save(path, pixels)
+
+    monkeypatch.setattr(builtin, "save_jpeg", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_imagenet(dest, seed=5, image_size=16, num_classes=2, train_per_class=3, val_per_class=1)
+    assert _files(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet"]
+
+
+def test_class_count_limits(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_imagenet(tmp_path / "x", num_classes=builtin.max_classes("imagenet") + 1)
+    with pytest.raises(ValueError):
+        generate_all(tmp_path, datasets=["mnist"])
+    assert builtin.shape_class(0) != builtin.shape_class(len(builtin.SHAPE_NAMES))
+
+
+# ---- learnability: cheap nearest-class-mean classifiers must beat chance clearly ----
+
+
+def _ncm_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_val: np.ndarray, y_val: np.ndarray) -> float:
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    a, b = (f_train - mu) / sd, (f_val - mu) / sd
+    centres = np.stack([a[y_train == k].mean(0) for k in range(int(y_train.max()) + 1)])
+    pred = ((b[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == y_val).mean())
+
+
+def _foreground_colour(img: np.ndarray) -> np.ndarray:
+    """Mean colour of the most saturated fifth of the pixels (the drawn shape)."""
+    sat = img.max(-1) - img.min(-1)
+    return img[sat >= np.quantile(sat, 0.8)].mean(0)
+
+
+def _shape_features(img: np.ndarray) -> np.ndarray:
+    """Colour-free shape descriptor: normalised radial mass profile and elongation."""
+    mask = np.abs(img - _foreground_colour(img)).max(-1) < 0.12
+    ys, xs = np.nonzero(mask)
+    if ys.size < 3:
+        return np.zeros(9)
+    d = np.hypot(ys - ys.mean(), xs - xs.mean()) / np.sqrt(ys.size)
+    hist = np.histogram(d, bins=8, range=(0, 1.6))[0] / ys.size
+    ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])))
+    return np.append(hist, ev[0] / (ev[1] + 1e-6))
+
+
+def _imagenet_split(base: Path, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    pairs = [(_rgb(f), k) for k, d in enumerate(sorted((base / split).iterdir())) for f in sorted(d.iterdir())]
+    return [p for p, _ in pairs], np.array([k for _, k in pairs])
+
+
+def test_imagenet_standin_learnable_from_colour_and_from_shape(tmp_path: Path) -> None:
+    classes = 5
+    base = write_imagenet(tmp_path / "imagenet", seed=0, image_size=48, num_classes=classes,
+                          train_per_class=24, val_per_class=12)
+    x_tr, y_tr = _imagenet_split(base, "train")
+    x_va, y_va = _imagenet_split(base, "val")
+    chance = 1.0 / classes
+    def accuracy(features) -> float:
+        return _ncm_accuracy(np.stack([features(i) for i in x_tr]), y_tr, np.stack([features(i) for i in x_va]), y_va)
+
+    colour, shape = accuracy(_foreground_colour), accuracy(_shape_features)
+    assert colour >= 2 * chance, colour
+    assert shape >= 1.5 * chance, shape
+
+
+def _log_spectrum(images: np.ndarray) -> np.ndarray:
+    """Translation-invariant texture descriptor."""
+    grey = images.mean(-1)
+    grey = grey - grey.mean((1, 2), keepdims=True)
+    return np.log1p(np.abs(np.fft.fft2(grey))).reshape(len(images), -1)
+
+
+def _pooled(images: np.ndarray, cells: int = 8) -> np.ndarray:
+    n, h, w, c = images.shape
+    return images.reshape(n, cells, h // cells, cells, w // cells, c).mean((2, 4)).reshape(n, -1)
+
+
+def test_inat_and_places_standins_learnable(tmp_path: Path) -> None:
+    classes, chance = 5, 0.2
+    kw = dict(seed=0, image_size=32, num_classes=classes, train_per_class=12, val_per_class=6)
+    inat = write_inat2018(tmp_path / "inat", **kw)
+    places = write_places365(tmp_path / "places", **kw)
+
+    def inat_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+        data = json.loads((inat / f"{split}2018.json").read_text())
+        order = {cid: k for k, cid in enumerate(sorted(c["id"] for c in data["categories"]))}
+        label = {a["image_id"]: order[a["category_id"]] for a in data["annotations"]}
+        return (np.stack([_rgb(inat / im["file_name"]) for im in data["images"]]),
+                np.array([label[im["id"]] for im in data["images"]]))
+
+    def places_split(list_name: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = [line.split() for line in (places / list_name).read_text().splitlines()]
+        return (np.stack([_rgb(places / folder / rel.lstrip("/")) for rel, _ in rows]),
+                np.array([int(lab) for _, lab in rows]))
+
+    (xt, yt), (xv, yv) = inat_split("train"), inat_split("val")
+    assert _ncm_accuracy(_log_spectrum(xt), yt, _log_spectrum(xv), yv) >= 3 * chance
+    (xt, yt), (xv, yv) = places_split("places365_train_standard.txt", "data_256"), places_split("places365_val.txt", "val_256")
+    assert _ncm_accuracy(_pooled(xt), yt, _pooled(xv), yv) >= 3 * chance
+
+
+def test_prepare_data_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "stages" / "prepare_data.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--out", str(tmp_path), "--seed", "2", "--image-size", "16", "--num-classes", "2",
+                      "--train-per-class", "1", "--val-per-class", "1", "--dense-image-size", "32",
+                      "--dense-train", "1", "--dense-val", "1", "--datasets", "imagenet", "ade20k"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "imagenet" in out and "ade20k" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ade20k", "imagenet"]
+    meta = json.loads((tmp_path / "imagenet" / builtin.META_FILE).read_text())
+    assert meta["seed"] == 2 and meta["image_size"] == 16
