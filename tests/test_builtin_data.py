@@ -122,9 +122,13 @@ def _shoelace(flat: list[float]) -> float:
 
 
 def _pil_mask(flat: list[float], size: tuple[int, int]) -> np.ndarray:
-    """Independent rasterisation (PIL) of a COCO polygon."""
+    """Independent rasterisation (PIL) of a COCO polygon.
+
+    COCO pixel (i, j) covers [j, j+1) x [i, i+1); PIL puts pixel centres on integers,
+    hence the half-pixel shift.
+    """
     canvas = Image.new("L", size, 0)
-    ImageDraw.Draw(canvas).polygon([tuple(p) for p in np.array(flat).reshape(-1, 2)], fill=1)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in np.array(flat).reshape(-1, 2) - 0.5], fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
@@ -154,10 +158,27 @@ def test_coco_annotations_consistent(root: Path, split: str) -> None:
         assert abs(_shoelace(poly) - ann["area"]) < 0.05
         mask = _pil_mask(poly, (im["width"], im["height"]))
         perimeter = float(np.hypot(*np.diff(np.vstack([xy, xy[:1]]), axis=0).T).sum())
-        assert abs(mask.sum() - ann["area"]) <= 0.6 * perimeter + 4
+        # PIL rounds vertices and fills boundary pixels, so it only roughly agrees; the
+        # pixel-centre rasteriser used for drawing must match the area tightly.
+        assert -4 <= mask.sum() - ann["area"] <= perimeter + 4
+        drawn = builtin.polygon_mask(xy, im["height"], im["width"])
+        assert abs(drawn.sum() - ann["area"]) <= 0.25 * perimeter + 2
+        assert (drawn & mask).sum() >= 0.6 * (drawn | mask).sum()
         per_image.setdefault(im["id"], []).append(mask)
     for masks in per_image.values():  # objects are placed without overlap
         assert (np.sum(masks, axis=0) <= 1).all()
+
+
+def test_coco_masks_with_pycocotools(root: Path) -> None:
+    """Optional cross-check with the official API, where it is installed."""
+    coco_api = pytest.importorskip("pycocotools.coco")
+    coco = coco_api.COCO(str(root / "coco" / "annotations" / "instances_train2017.json"))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert anns
+    for ann in anns:
+        mask = coco.annToMask(ann)
+        x, y, w, h = ann["bbox"]
+        assert abs(int(mask.sum()) - ann["area"]) <= (w + h) + 4
 
 
 def test_coco_polygons_trace_drawn_objects(tmp_path: Path) -> None:
@@ -252,6 +273,11 @@ def test_class_count_limits(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate_all(tmp_path, datasets=["mnist"])
     assert builtin.shape_class(0) != builtin.shape_class(len(builtin.SHAPE_NAMES))
+    with pytest.raises(ValueError):
+        BuiltinSizes(image_size=4)
+    with pytest.raises(ValueError):
+        write_imagenet(tmp_path / "y", seed=-1, num_classes=2, train_per_class=1, val_per_class=0)
+    assert list(tmp_path.iterdir()) == [], "failed runs must leave nothing behind"
 
 
 # ---- learnability: cheap nearest-class-mean classifiers must beat chance clearly ----

@@ -85,6 +85,15 @@ class BuiltinSizes:
     dense_train: int = 80
     dense_val: int = 20
 
+    def __post_init__(self) -> None:
+        """Reject sizes the renderers cannot honour, before any file is written."""
+        if min(self.image_size, self.dense_image_size) < 8:
+            raise ValueError(f"image sizes must be at least 8 pixels: {self}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2: {self}")
+        if min(self.train_per_class, self.val_per_class, self.dense_train, self.dense_val) < 0:
+            raise ValueError(f"image counts must be non-negative: {self}")
+
 
 DEFAULT_SIZES = BuiltinSizes()
 
