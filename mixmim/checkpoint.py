@@ -81,6 +81,41 @@ def encoder_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in sd.items() if k.startswith("encoder.")}
 
 
+def resize_rel_pos_table(table: Tensor, window: tuple[int, int]) -> Tensor:
+    """Bicubic resize of a ((2h-1)*(2w-1), heads) relative position table to another window.
+
+    Tables store one bias per relative offset, so a square source table's side is
+    recovered from its length; the target side comes from the model's window.
+    """
+    side = int(round(table.shape[0] ** 0.5))
+    if side * side != table.shape[0]:
+        raise ValueError(f"relative position table of {table.shape[0]} rows is not square; cannot resize it")
+    heads = table.shape[1]
+    grid = table.T.reshape(1, heads, side, side).float()
+    out = torch.nn.functional.interpolate(grid, size=(2 * window[0] - 1, 2 * window[1] - 1), mode="bicubic",
+                                          align_corners=False)
+    return out.reshape(heads, -1).T.to(table.dtype).contiguous()
+
+
+def adapt_rel_pos_tables(sd: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Resize every relative position table whose window differs from the model's.
+
+    Finetuning at another resolution or window (e.g. the 16/32 windows of detection)
+    keeps the learned biases by interpolation. Position embeddings need no such step:
+    they are fixed sin-cos tables recomputed for the model's grid.
+    """
+    modules = dict(model.named_modules())
+    own = model.state_dict()
+    out = dict(sd)
+    for key, value in sd.items():
+        if key.endswith("rel_pos_table") and key in own and own[key].shape != value.shape:
+            attn = modules[key.rsplit(".", 1)[0]]
+            if own[key].shape[1] != value.shape[1]:
+                raise ValueError(f"{key!r} has {value.shape[1]} heads; the model expects {own[key].shape[1]}")
+            out[key] = resize_rel_pos_table(value, attn.window)
+    return out
+
+
 def load_checked(model: nn.Module, sd: Mapping[str, Tensor], allow_missing: Iterable[str] = (),
                  ignore_unexpected: Iterable[str] = ()) -> None:
     """Load a state dict whose names and shapes must match the model exactly.

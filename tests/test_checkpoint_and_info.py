@@ -92,3 +92,37 @@ def test_console_script_is_installed():
         pytest.skip("package not installed (run through `make test`)")
     out = subprocess.run([str(exe), "info", "mixmim_nano", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["model"] == "mixmim_nano"
+
+
+def test_rel_pos_tables_are_resized_for_another_window():
+    from mixmim.checkpoint import adapt_rel_pos_tables
+
+    src = build_classifier("mixmim_nano", num_classes=2)  # stage-1 window 8 on a 16x16 map
+    dst = build_classifier("mixmim_nano", num_classes=2, window_size=(4, 8, 4, 2))
+    sd = src.state_dict()
+    with pytest.raises(ValueError, match=r"encoder\.stages\.0\.blocks\.0\.attn\.rel_pos_table"):
+        load_checked(dst, sd)
+    with torch.no_grad():
+        sd["encoder.stages.0.blocks.0.attn.rel_pos_table"].fill_(0.25)
+    load_checked(dst, adapt_rel_pos_tables(sd, dst))
+    table = dst.encoder.stages[0].blocks[0].attn.rel_pos_table
+    assert table.shape == (49, 1)
+    torch.testing.assert_close(table, torch.full_like(table, 0.25))
+
+
+def test_coinciding_windows_give_the_same_output():
+    # On a 2x2 last-stage map, windows 2 and 7 are both global attention over the map.
+    a = build_classifier("mixmim_nano", num_classes=3).eval()
+    b = build_classifier("mixmim_nano", num_classes=3, window_size=(8, 8, 4, 7)).eval()
+    load_checked(b, a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_per_block_windows():
+    model = build_classifier("mixmim_nano", num_classes=3, window_size=(8, 8, [2, 4], 2))
+    assert [blk.window for blk in model.encoder.stages[2].blocks] == [(2, 2), (4, 4)]
+    pre = build_pretrainer("mixmim_nano", window_size=(8, 8, [2, 4], 2))
+    assert pre(torch.randn(2, 3, 64, 64)).pred.shape[0] == 4
+    with pytest.raises(ValueError, match="lists 3 sizes; expected one per block"):
+        build_classifier("mixmim_nano", window_size=(8, 8, [2, 4, 4], 2))

@@ -2,10 +2,14 @@
 
 from .classifier import MixMIMClassifier
 from .encoder import MixMIMEncoder
-from .pretrain import FILLS, UNMIX, MixMIMPretrainer, PretrainOutput, patchify, unpatchify
+from .pretrain import (
+    FILLS, UNMIX, MixMIMDecoder, MixMIMPretrainer, PretrainOutput, patchify, pixel_targets, reconstruction_loss,
+    unpatchify,
+)
 from .registry import MODEL_SIZES, ModelSize, build_classifier, build_pretrainer
 
 __all__ = [
-    "FILLS", "MODEL_SIZES", "UNMIX", "MixMIMClassifier", "MixMIMEncoder", "MixMIMPretrainer",
-    "ModelSize", "PretrainOutput", "build_classifier", "build_pretrainer", "patchify", "unpatchify",
+    "FILLS", "MODEL_SIZES", "UNMIX", "MixMIMClassifier", "MixMIMDecoder", "MixMIMEncoder", "MixMIMPretrainer",
+    "ModelSize", "PretrainOutput", "build_classifier", "build_pretrainer", "patchify", "pixel_targets",
+    "reconstruction_loss", "unpatchify",
 ]

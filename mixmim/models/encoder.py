@@ -25,14 +25,24 @@ from .layers import (
 )
 
 
-def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> list[int]:
+def _per_stage(value, num_stages: int, name: str) -> list:
     """Broadcast a scalar to every stage, or check that a list has one entry per stage."""
     if isinstance(value, int):
         return [value] * num_stages
-    values = [int(v) for v in value]
+    values = list(value)
     if len(values) != num_stages:
         raise ValueError(f"{name}={list(value)} has {len(values)} entries; expected one per stage ({num_stages})")
     return values
+
+
+def _per_block(window: int | Sequence[int], depth: int, stage: int) -> list[int]:
+    """A stage's window: one size for all its blocks, or a list with one size per block."""
+    if isinstance(window, int):
+        return [window] * depth
+    sizes = [int(w) for w in window]
+    if len(sizes) != depth:
+        raise ValueError(f"window_size of stage {stage + 1} lists {len(sizes)} sizes; expected one per block ({depth})")
+    return sizes
 
 
 def upsample_mask(mask: Tensor, grid: Size2, factor: int) -> Tensor:
@@ -47,14 +57,14 @@ class MixMIMStage(nn.Module):
     """Optional patch merging from the previous stage, then ``depth`` window-attention blocks."""
 
     def __init__(self, in_dim: int | None, dim: int, depth: int, num_heads: int, grid: Size2,
-                 window: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
+                 windows: Sequence[int], mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
                  drop_path: Sequence[float]) -> None:
         super().__init__()
         self.grid = grid
         self.merge = PatchMerging(in_dim, dim) if in_dim is not None else None
         self.blocks = nn.ModuleList(
             MixMIMBlock(dim, num_heads, grid, window, mlp_ratio, qkv_bias, drop, attn_drop, dp)
-            for dp in drop_path
+            for window, dp in zip(windows, drop_path, strict=True)
         )
         assert len(self.blocks) == depth
 
@@ -75,7 +85,7 @@ class MixMIMEncoder(nn.Module):
         embed_dim: int = 128,
         depths: Sequence[int] = (2, 2, 18, 2),
         num_heads: Sequence[int] = (4, 8, 16, 32),
-        window_size: int | Sequence[int] = (14, 14, 14, 7),
+        window_size: int | Sequence[int | Sequence[int]] = (14, 14, 14, 7),
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -83,12 +93,14 @@ class MixMIMEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
     ) -> None:
+        """``window_size``: one size for all stages, one per stage, or per stage a list with
+        one size per block (the detection setting of section 3 uses 32 for some blocks)."""
         super().__init__()
         depths = [int(d) for d in depths]
         num_stages = len(depths)
         if num_stages < 1:
             raise ValueError("depths must list at least one stage")
-        heads = _per_stage(num_heads, num_stages, "num_heads")
+        heads = [int(h) for h in _per_stage(num_heads, num_stages, "num_heads")]
         windows = _per_stage(window_size, num_stages, "window_size")
         self.img_size = to_2tuple(img_size)
         self.patch_size = int(patch_size)
@@ -118,7 +130,8 @@ class MixMIMEncoder(nn.Module):
             self.stages.append(
                 MixMIMStage(
                     in_dim=self.dims[i - 1] if i else None, dim=self.dims[i], depth=depth,
-                    num_heads=heads[i], grid=self.grids[i], window=windows[i], mlp_ratio=mlp_ratio,
+                    num_heads=heads[i], grid=self.grids[i], windows=_per_block(windows[i], depth, i),
+                    mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                     drop_path=rates[start:start + depth],
                 )
@@ -175,10 +188,12 @@ class MixMIMEncoder(nn.Module):
             if mix_embeds is not None and m is not None:
                 e = mix_embeds[i].to(x.dtype)
                 x = x + e[0] + m.reshape(1, -1, 1).to(x.dtype) * (e[1] - e[0])
-            bias = None
-            if restrict_attention and m is not None:
-                bias = group_attention_bias(m, stage.grid, stage.blocks[0].window, x.dtype)
+            biases: dict[Size2, Tensor | None] = {}  # group bias, built once per stage and window
             for blk in stage.blocks:
+                if blk.window not in biases:
+                    restrict = restrict_attention and m is not None
+                    biases[blk.window] = group_attention_bias(m, stage.grid, blk.window, x.dtype) if restrict else None
+                bias = biases[blk.window]
                 if self.use_checkpoint and self.training and torch.is_grad_enabled():
                     x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
                 else:

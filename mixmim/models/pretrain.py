@@ -65,6 +65,33 @@ def unpatchify(x: Tensor, cell: int, grid: Size2, channels: int = 3) -> Tensor:
     return x.reshape(b, channels, h * cell, w * cell)
 
 
+def pixel_targets(imgs: Tensor, cell: int, norm_pix: bool = True) -> Tensor:
+    """Per-cell pixel targets (B, L, cell*cell*C), normalised per cell when ``norm_pix``."""
+    target = patchify(imgs, cell)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
+def reconstruction_loss(imgs: Tensor, pred: Tensor, mask: Tensor, cell: int, dual: bool,
+                        norm_pix: bool = True) -> Tensor:
+    """Eq. (2). Dual: unmix the two decoder branches (image i's cells where mask == 1 come
+    from branch 1, where mask == 0 from branch 2 of its partner B-1-i) and average the
+    squared error over every element. Single: mean error over the masked cells only.
+    """
+    target = pixel_targets(imgs, cell, norm_pix).float()
+    pred = pred.float()
+    b = imgs.shape[0]
+    m = mask.reshape(1, -1, 1).float()
+    if dual:
+        unmixed = pred[:b] * m + pred[b:].flip(0) * (1 - m)
+        return ((unmixed - target) ** 2).mean()
+    per_cell = ((pred[:b] - target) ** 2).mean(dim=-1, keepdim=True)
+    return (per_cell * m).sum() / (m.sum() * b).clamp(min=1.0)
+
+
 class MixMIMDecoder(nn.Module):
     """Linear projection to the decoder width, mask-token filling, ViT blocks, pixel head."""
 
@@ -229,26 +256,8 @@ class MixMIMPretrainer(nn.Module):
         )
         return enc.norm(outs[-1])
 
-    def targets(self, imgs: Tensor) -> Tensor:
-        """Per-cell pixel targets, normalised per cell when ``norm_pix_loss``."""
-        target = patchify(imgs, self.stride)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return target
-
     def loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """Eq. (2): dual loss over every cell of the unmixed reconstruction; single loss on masked cells."""
-        target = self.targets(imgs).float()
-        pred = pred.float()
-        b = imgs.shape[0]
-        m = mask.reshape(1, -1, 1).float()
-        if self.dual:
-            unmixed = pred[:b] * m + pred[b:].flip(0) * (1 - m)
-            return ((unmixed - target) ** 2).mean()
-        per_cell = ((pred[:b] - target) ** 2).mean(dim=-1, keepdim=True)
-        return (per_cell * m).sum() / (m.sum() * b).clamp(min=1.0)
+        return reconstruction_loss(imgs, pred, mask, self.stride, self.dual, self.norm_pix_loss)
 
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> PretrainOutput:
         if mask is None:
