@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .models import MODEL_SIZES
@@ -32,15 +33,39 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .engine.config import FinetuneConfig, PretrainConfig, load_config, parse_overrides
+
+    cls = PretrainConfig if args.command == "pretrain" else FinetuneConfig
+    cfg = load_config(cls, args.config, parse_overrides(args.overrides))
+    if args.command == "pretrain":
+        from .engine.pretrain import pretrain
+
+        result = pretrain(cfg)
+    else:
+        from .engine.finetune import finetune
+
+        result = finetune(cfg)
+    if result.get("run_id") is not None or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))  # rank 0 only
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmim", description="MixMIM reproduction suite")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters and FLOPs (multiply-adds) of a registered model")
-    info.add_argument("model", nargs="?", help=f"one of {', '.join(sorted(MODEL_SIZES))}")
+    info.add_argument("model", nargs="?", help=f"one of {', '.join(sorted(MODEL_SIZES))}, or a timm model name")
     info.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     info.add_argument("--json", action="store_true", help="print JSON: model, img_size, params_m, gflops")
     info.add_argument("--all", action="store_true", help="every registered model")
     info.set_defaults(func=_info)
+    for name, text in (("pretrain", "MixMIM pretraining (Table 11)"),
+                       ("finetune", "classification finetuning (Table 12) or linear probe")):
+        p = sub.add_parser(name, help=text, description=f"{text}. Run under torchrun for several processes.")
+        p.add_argument("--config", default=None, help="YAML file of config keys (see mixmim/engine/config.py)")
+        p.add_argument("overrides", nargs="*", help="key=value pairs applied on top of the file")
+        p.set_defaults(func=_train)
     return parser
 
 

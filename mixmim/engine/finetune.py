@@ -1,0 +1,171 @@
+"""Classification finetuning (Table 12) and linear probing, with per-epoch evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+from ..checkpoint import (
+    adapt_rel_pos_tables, convert_reference_state_dict, encoder_state_dict, load_checked, load_file, save_atomic,
+    unwrap_state_dict,
+)
+from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
+from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
+from .config import FinetuneConfig, to_dict
+from .data import (
+    SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
+)
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .loop import Loop, autocast_dtype
+from .optim import build_adamw, build_cosine_schedule, scaled_lr
+from .pretrain import RUN_REF
+from .runner import open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model
+
+FINETUNE_WEIGHTS = "finetune.pt"
+
+
+def load_encoder_init(model: MixMIMClassifier, path: str | Path) -> None:
+    """Initialise the encoder from this suite's pretraining (or finetuning) checkpoint or an
+    original MixMIM release; relative position tables are resized when windows differ."""
+    sd = dict(unwrap_state_dict(load_file(path)))
+    if not any(k.startswith("encoder.") for k in sd):
+        sd = convert_reference_state_dict(sd)  # original key names
+    enc = adapt_rel_pos_tables(encoder_state_dict(sd), model)
+    load_checked(model, enc, allow_missing=("head.",))
+
+
+def input_size(cfg: FinetuneConfig) -> int:
+    """The resolution the run trains at: explicit, else the registered size's."""
+    size = cfg.img_size or cfg.model_kwargs.get("img_size")
+    if size is None:
+        size = MODEL_SIZES[cfg.model].img_size if cfg.model in MODEL_SIZES else 224
+    return int(size)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> MixMIMClassifier:
+    kwargs: dict[str, Any] = {"img_size": input_size(cfg)}
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    elif cfg.model in MODEL_SIZES:
+        kwargs["drop_path_rate"] = MODEL_SIZES[cfg.model].drop_path_rate
+    model = build_classifier(cfg.model, num_classes=num_classes, **{**kwargs, **cfg.model_kwargs})
+    if cfg.init:
+        load_encoder_init(model, cfg.init)
+    if cfg.linear_probe:
+        model.to_linear_probe()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, info: DistInfo, precision: str) -> dict[str, float]:
+    """Top-1, top-5 (top-k for fewer classes) and cross-entropy on the validation split, over all ranks."""
+    was_training = model.training
+    model.eval()
+    dtype = autocast_dtype(precision, info.device)
+    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for imgs, labels, _ in loader:
+        imgs, labels = imgs.to(info.device), labels.to(info.device)
+        with torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(imgs)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(labels[:, None])
+        sums += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                              nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
+                             dtype=torch.float64)
+    total = all_reduce_sum(sums, info).cpu()
+    model.train(was_training)
+    n = max(total[3].item(), 1.0)
+    return {"val_top1": 100.0 * total[0].item() / n, "val_top5": 100.0 * total[1].item() / n,
+            "val_loss": total[2].item() / n}
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a finetuning; returns the history, final and best accuracy, the run id."""
+    info = init_distributed(cfg.device)
+    try:
+        out = output_dir(cfg)
+        probe = cfg.linear_probe
+        img_size = input_size(cfg)
+        train_tf = linear_probe_transform(img_size) if probe else finetune_transform(
+            img_size, True, cfg.randaug, cfg.reprob, cfg.crop_pct)
+        train_set = classification_split(cfg.dataset, cfg.data_root, "train", train_tf, cfg.skip_bad_images)
+        val_set = classification_split(cfg.dataset, cfg.data_root, "val",
+                                       finetune_transform(img_size, False, None, 0.0, cfg.crop_pct),
+                                       cfg.skip_bad_images)
+        num_classes = train_set.num_classes
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg, num_classes)
+        seed_everything(per_rank_seed(cfg.seed, info))
+        data = train_data(train_set, cfg, cfg.batch_size, info)
+        val_loader = make_loader(SeededDataset(val_set, cfg.seed), ShardSampler(len(val_set), info.rank, info.world_size),
+                                 cfg.eval_batch_size or cfg.batch_size, cfg.num_workers,
+                                 info.device.type == "cuda", drop_last=False)
+
+        effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
+        lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, effective_batch)
+        optimizer = build_adamw(model, lr, cfg.weight_decay, cfg.betas, layer_decay=None if probe else cfg.layer_decay)
+        total_steps = data.steps_per_epoch * cfg.epochs
+        scheduler = build_cosine_schedule(optimizer, total_steps, round(cfg.warmup_epochs * data.steps_per_epoch),
+                                          cfg.min_lr)
+        train_model = wrap_model(model, cfg, info)
+
+        mixup = None
+        if not probe and (cfg.mixup > 0 or cfg.cutmix > 0):
+            if cfg.batch_size % 2:
+                raise ValueError(f"batch_size={cfg.batch_size}: mixup/cutmix pair samples and need an even batch")
+            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                          num_classes=num_classes)
+            criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0 and not probe:
+            criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+
+        def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if mixup is not None:
+                imgs, targets = mixup(imgs, labels)
+                return criterion(m(imgs), targets)
+            return criterion(m(imgs), labels)
+
+        parent_pretrain = None
+        if cfg.init and (Path(cfg.init).parent / RUN_REF).is_file():
+            parent_pretrain = read_run_ref(Path(cfg.init).parent / RUN_REF).get("run_id")
+        stage = "linear_probe" if probe else "finetune"
+        tags = {"mixmim.stage": stage, "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset,
+                "mixmim.init": cfg.init or "scratch"}
+        if parent_pretrain:
+            tags[PRETRAIN_RUN_TAG] = parent_pretrain
+        with open_tracker(cfg, info, f"{stage}/{cfg.dataset}", tags) as tracker:
+            derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
+                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
+                       "num_classes": num_classes, "train_images": len(train_set),
+                       "val_images": len(val_set)}
+            tracker.log_params(run_params(cfg, derived))
+            tracker.log_dict(to_dict(cfg), "config.yaml")
+            loop = Loop(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                        loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn,
+                        epochs=cfg.epochs, batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out,
+                        config=to_dict(cfg), tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter,
+                        clip_grad=cfg.clip_grad, ckpt_every_steps=cfg.ckpt_every_steps,
+                        log_every_steps=cfg.log_every_steps, channels_last=cfg.channels_last,
+                        progress=cfg.progress, resume=cfg.resume,
+                        evaluate=lambda m: evaluate(m, val_loader, info, cfg.precision))
+            history = loop.run()
+            final = evaluate(model, val_loader, info, cfg.precision)
+            result = {"top1": final["val_top1"], "top5": final["val_top5"], "val_loss": final["val_loss"],
+                      "best_top1": max([h["val_top1"] for h in history] + [final["val_top1"]])}
+            tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=history[-1]["step"] if history else 0)
+            if info.is_main:
+                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": f"mixmim_{stage}"},
+                            out / FINETUNE_WEIGHTS)
+                write_run_ref(out / RUN_REF, tracker)
+            return {"history": history, **result, "run_id": tracker.run_id}
+    finally:
+        cleanup(info)

@@ -1,0 +1,82 @@
+"""MixMIM pretraining (Table 11) on one process or many, from the command line or Python."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checkpoint import save_atomic
+from ..models import build_pretrainer
+from ..tracking import write_run_ref
+from .config import PretrainConfig, to_dict
+from .data import classification_split, pretrain_transform
+from .distributed import cleanup, init_distributed
+from .loop import Loop
+from .optim import build_adamw, build_cosine_schedule, scaled_lr
+from .runner import (
+    open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+)
+
+PRETRAIN_WEIGHTS = "pretrain.pt"
+RUN_REF = "mlflow_run.json"
+
+
+def build_model(cfg: PretrainConfig) -> torch.nn.Module:
+    kwargs: dict[str, Any] = dict(
+        mask_ratio=cfg.mask_ratio, range_mask_ratio=cfg.range_mask_ratio, mask_type=cfg.mask_type,
+        fill=cfg.fill, dual=cfg.dual, unmix=cfg.unmix, norm_pix_loss=cfg.norm_pix_loss,
+        use_checkpoint=cfg.grad_checkpointing,
+    )
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    return build_pretrainer(cfg.model, **{**kwargs, **cfg.model_kwargs})
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) a pretraining; returns the epoch history and the run id."""
+    info = init_distributed(cfg.device)
+    try:
+        out = output_dir(cfg)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        seed_everything(per_rank_seed(cfg.seed, info))
+        img_size = model.encoder.img_size[0]
+        dataset = classification_split(cfg.dataset, cfg.data_root, "train",
+                                       pretrain_transform(img_size, cfg.crop_scale), cfg.skip_bad_images)
+        data = train_data(dataset, cfg, cfg.batch_size, info)
+        effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
+        lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, effective_batch)
+        optimizer = build_adamw(model, lr, cfg.weight_decay, cfg.betas)
+        total_steps = data.steps_per_epoch * cfg.epochs
+        scheduler = build_cosine_schedule(optimizer, total_steps, round(cfg.warmup_epochs * data.steps_per_epoch),
+                                          cfg.min_lr)
+        train_model = wrap_model(model, cfg, info)
+
+        def loss_fn(m: torch.nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return m(imgs).loss
+
+        tags = {"mixmim.stage": "pretrain", "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset}
+        with open_tracker(cfg, info, "pretrain", tags) as tracker:
+            derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
+                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
+                       "train_images": len(dataset)}
+            tracker.log_params(run_params(cfg, derived))
+            tracker.log_dict(to_dict(cfg), "config.yaml")
+            loop = Loop(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                        loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn,
+                        epochs=cfg.epochs, batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out,
+                        config=to_dict(cfg), tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter,
+                        clip_grad=cfg.clip_grad, ckpt_every_steps=cfg.ckpt_every_steps,
+                        log_every_steps=cfg.log_every_steps, channels_last=cfg.channels_last,
+                        progress=cfg.progress, resume=cfg.resume)
+            history = loop.run()
+            if info.is_main:
+                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_pretrain"},
+                            out / PRETRAIN_WEIGHTS)
+                write_run_ref(out / RUN_REF, tracker)
+                if history:
+                    tracker.log_metrics({"final/train_loss": history[-1]["train_loss"]}, step=history[-1]["step"])
+            return {"history": history, "run_id": tracker.run_id, "weights": str(out / PRETRAIN_WEIGHTS)}
+    finally:
+        cleanup(info)

@@ -1,0 +1,93 @@
+"""Set-up shared by the engines: seeding, wrapping for DDP / compile, the data loop, tracking."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from .config import RuntimeConfig, to_dict
+from .data import ResumableSampler, SeededDataset, make_loader
+from .distributed import DistInfo
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def per_rank_seed(seed: int, info: DistInfo) -> int:
+    """Model-side randomness (masks, drop path) differs per rank; the data order does not."""
+    return seed + 1000 * info.rank
+
+
+def wrap_model(model: nn.Module, cfg: RuntimeConfig, info: DistInfo) -> nn.Module:
+    """DDP over ranks, channels-last and torch.compile as configured; returns what to call."""
+    model.to(info.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if info.distributed:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+@dataclass
+class TrainData:
+    dataset: SeededDataset
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    batches_per_epoch: int
+    accum: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.accum
+
+
+def train_data(dataset: Any, cfg: RuntimeConfig, batch_size: int, info: DistInfo) -> TrainData:
+    """Seeded dataset, resumable sampler and loader; the epoch length respects the step cap."""
+    if cfg.accum_iter < 1:
+        raise ValueError(f"accum_iter={cfg.accum_iter}; expected a positive integer")
+    seeded = SeededDataset(dataset, cfg.seed)
+    sampler = ResumableSampler(len(seeded), batch_size, cfg.seed, info.rank, info.world_size)
+    batches = sampler.batches_per_epoch
+    if cfg.max_steps_per_epoch is not None:
+        batches = min(batches, cfg.max_steps_per_epoch * cfg.accum_iter)
+    batches -= batches % cfg.accum_iter
+    if batches == 0:
+        raise ValueError(f"an epoch has fewer than accum_iter={cfg.accum_iter} batches of {batch_size}; "
+                         "lower batch_size or accum_iter")
+    loader = make_loader(seeded, sampler, batch_size, cfg.num_workers, info.device.type == "cuda", drop_last=True)
+    return TrainData(seeded, sampler, loader, batches, cfg.accum_iter)
+
+
+def open_tracker(cfg: RuntimeConfig, info: DistInfo, default_name: str, tags: dict[str, str],
+                 parent_run_id: str | None = None) -> Tracker:
+    """The run's tracker; the store is checked now, before any training (rank 0 only)."""
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    if info.is_main:
+        check_tracking_uri(uri)
+    return Tracker(uri, cfg.experiment, cfg.run_name or default_name, tags={**tags, **cfg.tags},
+                   parent_run_id=parent_run_id or cfg.parent_run_id, enabled=info.is_main)
+
+
+def run_params(cfg: RuntimeConfig, derived: dict[str, Any]) -> dict[str, Any]:
+    return {**to_dict(cfg), **{f"derived.{k}": v for k, v in derived.items()}}
+
+
+def output_dir(cfg: RuntimeConfig) -> Path:
+    path = Path(cfg.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
