@@ -78,6 +78,11 @@ def model_info(name: str, img_size: int | None = None, num_classes: int = 1000) 
     The model is built on the meta device: shapes are all a count needs, so even
     MixMIM-H is counted in well under a second without allocating its weights.
     """
+    from .models.adapters.info import timm_model_info  # timm model names (issue 6)
+
+    timm_info = timm_model_info(name, img_size, num_classes)
+    if timm_info is not None:
+        return timm_info
     kwargs = {} if img_size is None else {"img_size": img_size}
     with torch.device("meta"):
         model = build_classifier(name, num_classes=num_classes, **kwargs)
