@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test repro clean
+.PHONY: setup test repro ablations mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# Until the pipeline issue lands there is no dvc.yaml stage graph; this runs what exists:
-# the model summary of every registered size.
+# The default pipeline (dvc.yaml, params.yaml) on built-in data.
 repro: setup
-	$(VENV)/bin/mixmim info --all
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mixmim pipeline --params params.yaml -- dvc repro
+
+# The ablations of Tables 6-10 at built-in scale, grouped under one parent MLflow run.
+ablations: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mixmim pipeline --params pipelines/ablations/params.yaml \
+		-- dvc repro pipelines/ablations/dvc.yaml
+
+# The MLflow UI over the default store, on loopback only.
+MLFLOW_PORT ?= 5000
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -51,6 +51,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import run_under_parent
+
+    command = [c for c in args.cmd if c != "--"]
+    if not command:
+        print("mixmim pipeline: give the command to run after --", file=sys.stderr)
+        return 2
+    try:
+        return run_under_parent(args.params, command)
+    except RuntimeError as err:
+        print(f"mixmim pipeline: {err}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmim", description="MixMIM reproduction suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML file of config keys (see mixmim/engine/config.py)")
         p.add_argument("overrides", nargs="*", help="key=value pairs applied on top of the file")
         p.set_defaults(func=_train)
+    pipe = sub.add_parser("pipeline", help="run a command (dvc repro ...) inside one parent MLflow run",
+                          description="Group one pipeline invocation's stage runs under a parent MLflow run.")
+    pipe.add_argument("--params", required=True, help="the pipeline's params.yaml (its tracking section)")
+    pipe.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- dvc repro FILE")
+    pipe.set_defaults(func=_pipeline)
     return parser
 
 

@@ -4,6 +4,7 @@ Why a stage: a fresh machine has no datasets, so the pipeline's first step gener
 small, seeded stand-ins in the real on-disk formats, and every later stage points its
 dataset roots at them.  Usage::
 
+    python stages/prepare_data.py --params params.yaml      # the DVC stage: section `data`
     python stages/prepare_data.py --out data/builtin --seed 0
     python stages/prepare_data.py --out data/builtin --datasets imagenet coco --image-size 32
 """
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options; defaults mirror ``BuiltinSizes`` so both stay in step."""
     d = DEFAULT_SIZES
     p = argparse.ArgumentParser(description="Generate the built-in stand-in datasets.")
+    p.add_argument("--params", type=Path, default=None,
+                   help="read root, seed and sizes from this params file's `data` section (other options ignored)")
     p.add_argument("--out", type=Path, default=Path("data/builtin"), help="output root directory")
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed -> identical files)")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="which datasets")
@@ -45,9 +48,29 @@ def _summary(path: Path) -> tuple[int, int]:
     return len(files), sum(f.stat().st_size for f in files)
 
 
+def _from_params(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options from the params file's ``data`` section, checked key by key."""
+    from dataclasses import asdict, make_dataclass
+
+    from mixmim.engine.config import from_mapping
+    from mixmim.pipeline import load_params
+
+    params = load_params(args.params)
+    spec = make_dataclass("DataParams", [("root", str, "data/builtin"), ("seed", int, 0)]
+                          + [(k, int, v) for k, v in asdict(DEFAULT_SIZES).items()])
+    data = from_mapping(spec, params.section("data"), where=f"{args.params}: data")
+    args.out = Path(params.resolve_path(data.root))
+    args.seed = data.seed
+    for key, value in asdict(data).items():
+        setattr(args, key, value)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the requested datasets and print one line per dataset written."""
     args = build_parser().parse_args(argv)
+    if args.params is not None:
+        args = _from_params(args)
     sizes = BuiltinSizes(
         image_size=args.image_size,
         num_classes=args.num_classes,

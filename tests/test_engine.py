@@ -258,3 +258,12 @@ def test_sampler_shards_global_batches_and_resumes():
         assert sorted(parts[0][2 * k:2 * k + 2] + parts[1][2 * k:2 * k + 2]) == sorted(order[4 * k:4 * k + 4])
     one.set_epoch(3, start_batch=2)
     assert list(one) == order[8:]
+
+
+def test_resume_only_from_an_unfinished_run_of_the_same_config():
+    from mixmim.engine.loop import resume_blocker
+
+    cfg = {"epochs": 3, "lr": 0.1, "num_workers": 2}
+    assert resume_blocker(cfg, {**cfg, "num_workers": 0}, finished=False) is None
+    assert "lr=0.1" in resume_blocker(cfg, {**cfg, "lr": 0.2}, finished=False)
+    assert "finished" in resume_blocker(cfg, cfg, finished=True)

@@ -128,7 +128,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         else:
             criterion = nn.CrossEntropyLoss()
 
-        def loss_fn(m: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def loss_fn(m: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+            imgs, labels = batch
             if mixup is not None:
                 imgs, targets = mixup(imgs, labels)
                 return criterion(m(imgs), targets)

@@ -10,6 +10,7 @@ last checkpoint on disk is the last good one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -26,16 +27,42 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import load_file
 from .data import ResumableSampler, SeededDataset
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier
 from .optim import current_lr
 from .state import LAST, Position, load_training_state, save_training_state
 
-LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+#: ``loss_fn(model, batch)`` gets the loader's batch (already on the device) without its
+#: trailing bad-image count, and returns the mean loss over the batch.
+LossFn = Callable[[nn.Module, Any], Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
+
+logger = logging.getLogger("mixmim.engine")
 
 #: Test hook: the process SIGKILLs itself right after this optimiser step (and its checkpoint).
 KILL_AT_STEP_ENV = "MIXMIM_KILL_AT_STEP"
+
+
+#: Config keys that may change between a run and its resumption without changing its result.
+RESUME_IGNORED = frozenset({
+    "resume", "progress", "num_workers", "log_every_steps", "ckpt_every_steps", "tracking_uri", "experiment",
+    "run_name", "parent_run_id", "tags", "output_dir", "device", "compile",
+})
+
+
+def resume_blocker(saved: dict[str, Any], config: dict[str, Any], finished: bool) -> str | None:
+    """Why a checkpoint must not be resumed (None when it may): another config, or a finished run.
+
+    Pipelines keep checkpoints across invocations so that a killed stage resumes; a stage
+    rerun because its params or code changed must start afresh instead.
+    """
+    for key in sorted(set(saved) | set(config)):
+        if key not in RESUME_IGNORED and saved.get(key) != config.get(key):
+            return f"it was written with {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
+    if finished:
+        return "its run had already finished"
+    return None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +81,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16 support; use precision='fp16'")
     return dtype
+
+
+def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Tensors anywhere in lists, tuples and dicts moved to ``device`` (4-D images channels-last if asked)."""
+    if isinstance(obj, Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.ndim == 4:
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, channels_last) for v in obj)
+    return obj
 
 
 @dataclass
@@ -100,8 +141,15 @@ class Loop:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         position = Position()
         if self.resume and self.checkpoint_path.is_file():
-            position, extra = load_training_state(self.checkpoint_path, self.model, self.optimizer, scaler)
-            self.history = list(extra.get("history", []))
+            saved = load_file(self.checkpoint_path)
+            blocker = resume_blocker(saved.get("config", {}), self.config, saved["position"]["epoch"] >= self.epochs)
+            if blocker is None:
+                position, extra = load_training_state(self.checkpoint_path, self.model, self.optimizer, scaler)
+                self.history = list(extra.get("history", []))
+                logger.info("resuming from %s at epoch %d, batch %d", self.checkpoint_path, position.epoch + 1,
+                            position.batch)
+            else:
+                logger.warning("not resuming from %s: %s; starting afresh", self.checkpoint_path, blocker)
         self.scheduler.step_update(position.step)
         kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
         bad_images = 0  # counted in this process since it started (a resumed run counts from the resume)
@@ -116,21 +164,20 @@ class Loop:
                        dynamic_ncols=True, leave=False)
             window_loss, window_count, window_imgs, tick = 0.0, 0, 0, time.perf_counter()
             epoch_loss, epoch_count = 0.0, 0
-            for batch_idx, (imgs, labels, bad) in enumerate(self.loader, start=start_batch):
+            for batch_idx, batch in enumerate(self.loader, start=start_batch):
                 if batch_idx >= self.batches_per_epoch:
                     break
+                *payload, bad = batch
                 bad_images += bad
-                imgs = imgs.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if self.channels_last:
-                    imgs = imgs.contiguous(memory_format=torch.channels_last)
+                payload = to_device(payload, device, self.channels_last)
+                num_images = len(payload[0])
                 boundary = (batch_idx + 1) % self.accum_iter == 0
                 sync = contextlib.nullcontext()
                 if self.info.distributed and not boundary:
                     sync = self.train_model.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                        loss = self.loss_fn(self.train_model, imgs, labels)
+                        loss = self.loss_fn(self.train_model, payload)
                     loss_value = all_reduce_mean(loss.item(), self.info)
                     if not math.isfinite(loss_value):
                         raise NonFiniteLossError(
@@ -140,7 +187,7 @@ class Loop:
                     scaler.scale(loss / self.accum_iter).backward()
                 window_loss += loss_value
                 window_count += 1
-                window_imgs += imgs.shape[0] * self.info.world_size
+                window_imgs += num_images * self.info.world_size
                 epoch_loss += loss_value
                 epoch_count += 1
                 bar.update(1)

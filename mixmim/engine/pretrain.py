@@ -53,8 +53,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                                           cfg.min_lr)
         train_model = wrap_model(model, cfg, info)
 
-        def loss_fn(m: torch.nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return m(imgs).loss
+        def loss_fn(m: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+            return m(batch[0]).loss  # labels are not used
 
         tags = {"mixmim.stage": "pretrain", "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset}
         with open_tracker(cfg, info, "pretrain", tags) as tracker:
