@@ -267,3 +267,18 @@ def test_resume_only_from_an_unfinished_run_of_the_same_config():
     assert resume_blocker(cfg, {**cfg, "num_workers": 0}, finished=False) is None
     assert "lr=0.1" in resume_blocker(cfg, {**cfg, "lr": 0.2}, finished=False)
     assert "finished" in resume_blocker(cfg, cfg, finished=True)
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(data_root, store, tmp_path):
+    result = pretrain(pretrain_cfg(data_root, store, tmp_path / "bf16", epochs=1, precision="bf16",
+                                   channels_last=True, max_steps_per_epoch=2))
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result["history"])
+
+
+def test_fp16_needs_a_gpu(data_root, store, tmp_path):
+    from mixmim.engine.loop import autocast_dtype
+
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        autocast_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        autocast_dtype("fp8", torch.device("cpu"))

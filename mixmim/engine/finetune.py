@@ -21,10 +21,12 @@ from .data import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
 )
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .loop import Loop, autocast_dtype
+from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .pretrain import RUN_REF
-from .runner import open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model
+from .runner import (
+    build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+)
 
 FINETUNE_WEIGHTS = "finetune.pt"
 
@@ -150,14 +152,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                        "val_images": len(val_set)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
-            loop = Loop(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                        loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn,
-                        epochs=cfg.epochs, batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out,
-                        config=to_dict(cfg), tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter,
-                        clip_grad=cfg.clip_grad, ckpt_every_steps=cfg.ckpt_every_steps,
-                        log_every_steps=cfg.log_every_steps, channels_last=cfg.channels_last,
-                        progress=cfg.progress, resume=cfg.resume,
-                        evaluate=lambda m: evaluate(m, val_loader, info, cfg.precision))
+            loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                              data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
+                              evaluate=lambda m: evaluate(m, val_loader, info, cfg.precision))
             history = loop.run()
             final = evaluate(model, val_loader, info, cfg.precision)
             result = {"top1": final["val_top1"], "top5": final["val_top5"], "val_loss": final["val_loss"],

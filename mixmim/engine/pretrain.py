@@ -12,10 +12,9 @@ from ..tracking import write_run_ref
 from .config import PretrainConfig, to_dict
 from .data import classification_split, pretrain_transform
 from .distributed import cleanup, init_distributed
-from .loop import Loop
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import (
-    open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+    build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
 )
 
 PRETRAIN_WEIGHTS = "pretrain.pt"
@@ -63,13 +62,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                        "train_images": len(dataset)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
-            loop = Loop(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                        loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn,
-                        epochs=cfg.epochs, batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out,
-                        config=to_dict(cfg), tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter,
-                        clip_grad=cfg.clip_grad, ckpt_every_steps=cfg.ckpt_every_steps,
-                        log_every_steps=cfg.log_every_steps, channels_last=cfg.channels_last,
-                        progress=cfg.progress, resume=cfg.resume)
+            loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                              data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs)
             history = loop.run()
             if info.is_main:
                 save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_pretrain"},

@@ -16,6 +16,7 @@ from ..tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 from .config import RuntimeConfig, to_dict
 from .data import ResumableSampler, SeededDataset, make_loader
 from .distributed import DistInfo
+from .loop import Loop
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +72,19 @@ def train_data(dataset: Any, cfg: RuntimeConfig, batch_size: int, info: DistInfo
                          "lower batch_size or accum_iter")
     loader = make_loader(seeded, sampler, batch_size, cfg.num_workers, info.device.type == "cuda", drop_last=True)
     return TrainData(seeded, sampler, loader, batches, cfg.accum_iter)
+
+
+def build_loop(cfg: RuntimeConfig, *, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any, data: TrainData, info: DistInfo, out: Path, tracker: Tracker, loss_fn: Any,
+               epochs: int, evaluate: Any = None) -> Loop:
+    """A :class:`Loop` with every runtime option (precision, accumulation, clipping,
+    checkpoint and log cadence, channels-last, progress, resume) taken from ``cfg``."""
+    return Loop(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn, epochs=epochs,
+                batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out, config=to_dict(cfg),
+                tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad,
+                ckpt_every_steps=cfg.ckpt_every_steps, log_every_steps=cfg.log_every_steps,
+                channels_last=cfg.channels_last, progress=cfg.progress, resume=cfg.resume, evaluate=evaluate)
 
 
 def open_tracker(cfg: RuntimeConfig, info: DistInfo, default_name: str, tags: dict[str, str],
