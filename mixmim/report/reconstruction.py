@@ -1,0 +1,185 @@
+"""What the pretrained model sees and what it reconstructs (the pictures of the paper's Figures 1 and 3).
+
+The pretrainer predicts, for every mask cell, pixels normalised by that cell's own mean
+and standard deviation (``norm_pix_loss``). To show a reconstruction as an image, each
+predicted cell is unnormalised with the statistics of the target image's cell, and, as
+MAE's visualisations do, only the cells a branch actually predicts are pasted; the cells
+it could see are kept from the input, so the picture shows the model's work and nothing
+it was given.
+
+Cell bookkeeping (see :func:`mixmim.models.pretrain.reconstruction_loss`): the mixed
+input ``i`` holds image ``i`` where ``mask == 0`` and its partner ``B-1-i`` where
+``mask == 1``. Branch 1 (``pred[i]``) predicts image ``i`` on the ``mask == 1`` cells;
+branch 2 (``pred[B + i]``) predicts the partner on the ``mask == 0`` cells.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import load_file
+from ..models import patchify, unpatchify
+
+__all__ = ["PairView", "find_sample_images", "load_images", "load_pretrainer", "reconstruct_pairs"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# The normalisation of the pretraining transform (timm's ImageNet defaults).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PairView:
+    """One row of the figure: two originals, the mixed input, and each image's reconstruction.
+
+    Arrays are (H, W, 3) floats in [0, 1]. ``recon_b`` is None without dual reconstruction,
+    and ``original_b`` is None when the fill is not another image (zero, learnable, ...).
+    """
+
+    original_a: np.ndarray
+    original_b: np.ndarray | None
+    mixed: np.ndarray
+    recon_a: np.ndarray
+    recon_b: np.ndarray | None
+
+
+def load_pretrainer(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a pretraining checkpoint's model from its own config and load its weights.
+
+    The config travels in the checkpoint (``{"model": state_dict, "config": PretrainConfig
+    fields}``), so the figure always shows the model that was trained, ablation switches
+    included; a config key this code does not know is an error rather than a silent default.
+    """
+    from ..engine.config import PretrainConfig, from_mapping
+    from ..engine.pretrain import build_model
+
+    checkpoint = load_file(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"{path}: expected a pretraining checkpoint with 'model' and 'config' entries")
+    cfg = from_mapping(PretrainConfig, checkpoint["config"], where=f"{path} config")
+    model = build_model(cfg)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint["config"]
+
+
+def find_sample_images(folder: str | os.PathLike[str], count: int = 4) -> list[Path]:
+    """Up to ``count`` images (an even number, at least 2), one class folder after another.
+
+    Taking the first image of each class folder in turn pairs images of different classes
+    (as ImageNet's ``val/<wnid>/`` layout allows), which makes the mixing visible. An
+    ImageNet root is accepted too: its ``val`` split is used.
+    """
+    root = Path(folder)
+    if (root / "val").is_dir():
+        root = root / "val"
+    if not root.is_dir():
+        raise FileNotFoundError(f"sample image folder {root} does not exist")
+    by_folder: dict[Path, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            by_folder.setdefault(path.parent, []).append(path)
+    queues = list(by_folder.values())
+    picked: list[Path] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    picked = picked[: len(picked) - len(picked) % 2]
+    if len(picked) < 2:
+        raise ValueError(f"{root} holds fewer than 2 images; the mixing figure needs a pair")
+    return picked
+
+
+def load_images(paths: list[Path], img_size: int) -> Tensor:
+    """Resize (shorter side), centre-crop and normalise images as the pretraining input expects."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    transform = T.Compose([
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+        T.ToTensor(), T.Normalize(MEAN, STD),
+    ])
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(transform(img.convert("RGB")))
+    return torch.stack(images)
+
+
+def to_display(img: Tensor) -> np.ndarray:
+    """A normalised (3, H, W) tensor as an (H, W, 3) picture in [0, 1]."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (img.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def cell_mask_pixels(mask: Tensor, grid: tuple[int, int], cell: int) -> Tensor:
+    """The (1, L) cell mask as a (1, H, W) pixel mask."""
+    m = mask.reshape(grid).float()
+    return m.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
+
+
+def unnormalise_cells(pred: Tensor, target: Tensor, cell: int, norm_pix: bool) -> Tensor:
+    """Predicted cells (L, cell*cell*3) in the target image's (normalised-input) pixel space.
+
+    The statistics are those of :func:`mixmim.models.pretrain.pixel_targets` (per-cell mean
+    and unbiased variance + 1e-6), so a perfect prediction returns the target exactly.
+    """
+    if not norm_pix:
+        return pred
+    cells = patchify(target.unsqueeze(0), cell)[0]
+    mean = cells.mean(dim=-1, keepdim=True)
+    var = cells.var(dim=-1, keepdim=True)
+    return pred * (var + 1.0e-6) ** 0.5 + mean
+
+
+def paste(target: Tensor, pred_cells: Tensor, predicted: Tensor, cell: int, grid: tuple[int, int]) -> Tensor:
+    """``target`` (3, H, W) with the cells where ``predicted`` (L,) is 1 replaced by ``pred_cells``."""
+    cells = patchify(target.unsqueeze(0), cell)[0]
+    keep = predicted.reshape(-1, 1).to(cells.dtype)
+    mixed = cells * (1 - keep) + pred_cells * keep
+    return unpatchify(mixed.unsqueeze(0), cell, grid)[0]
+
+
+@torch.no_grad()
+def reconstruct_pairs(model: torch.nn.Module, imgs: Tensor, mask: Tensor) -> list[PairView]:
+    """Run the pretrainer once on ``imgs`` (B, 3, H, W; B even) with ``mask`` and build one view per pair."""
+    b = imgs.shape[0]
+    if b < 2 or b % 2:
+        raise ValueError(f"{b} images; the mixing figure needs an even number, at least 2")
+    out = model(imgs, mask)
+    cell, grid = model.stride, tuple(model.encoder.mask_grid)
+    m = out.mask.reshape(-1).float().cpu()
+    pix = cell_mask_pixels(m, grid, cell)
+    pred = out.pred.float().cpu()
+    imgs = imgs.float().cpu()
+    norm_pix = bool(getattr(model, "norm_pix_loss", True))
+    mixes = getattr(model, "fill", "mix") == "mix"
+    views = []
+    for i in range(b // 2):
+        j = b - 1 - i
+        a_cells = unnormalise_cells(pred[i], imgs[i], cell, norm_pix)
+        recon_a = paste(imgs[i], a_cells, m, cell, grid)
+        recon_b = None
+        if pred.shape[0] == 2 * b:
+            b_cells = unnormalise_cells(pred[b + i], imgs[j], cell, norm_pix)
+            recon_b = to_display(paste(imgs[j], b_cells, 1 - m, cell, grid))
+        filler = imgs[j] if mixes else torch.zeros_like(imgs[i])  # zero in normalised space: mean grey
+        mixed = imgs[i] * (1 - pix) + filler * pix
+        views.append(PairView(to_display(imgs[i]), to_display(imgs[j]) if mixes else None, to_display(mixed),
+                              to_display(recon_a), recon_b))
+    return views
+
+
+def fixed_mask(model: torch.nn.Module, seed: int = 0) -> Tensor:
+    """A reproducible mask of the model's own type and ratio, so reruns draw the same figure."""
+    from ..models.masking import sample_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    return sample_mask(tuple(model.encoder.mask_grid), model.mask_type, model.mask_ratio, 0.0, generator=generator)
