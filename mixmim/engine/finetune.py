@@ -15,6 +15,7 @@ from ..checkpoint import (
     unwrap_state_dict,
 )
 from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
+from ..models.adapters import create_timm_model
 from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
 from .config import FinetuneConfig, to_dict
 from .data import (
@@ -23,7 +24,7 @@ from .data import (
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
-from .pretrain import RUN_REF
+from .pretrain import RUN_REF, TIMM_DEFAULT_IMG_SIZE
 from .runner import (
     build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
 )
@@ -31,9 +32,35 @@ from .runner import (
 FINETUNE_WEIGHTS = "finetune.pt"
 
 
-def load_encoder_init(model: MixMIMClassifier, path: str | Path) -> None:
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of a timm model's classifier head (``head.``, ``head.fc.``, ``fc.``, ...),
+    from its pretrained config and its ``get_classifier()`` module."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = [names] if isinstance(names, str) else list(names)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    names += [n for n, m in model.named_modules() if n and head is not None and m is head]
+    return tuple(dict.fromkeys(f"{n}." for n in names))
+
+
+def load_timm_init(model: nn.Module, path: str | Path) -> None:
+    """Initialise a plain timm model from a MixMIM adapter pretraining (its ``encoder.*`` weights,
+    prefix stripped; the decoder is dropped) or from a checkpoint of the timm model itself.
+    Every parameter must match by name and shape except the classifier head, which keeps its
+    fresh initialisation."""
+    sd = dict(unwrap_state_dict(load_file(path)))
+    if any(k.startswith("encoder.") for k in sd):
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    heads = classifier_prefixes(model)
+    load_checked(model, {k: v for k, v in sd.items() if not k.startswith(heads)}, allow_missing=heads)
+
+
+def load_encoder_init(model: nn.Module, path: str | Path) -> None:
     """Initialise the encoder from this suite's pretraining (or finetuning) checkpoint or an
-    original MixMIM release; relative position tables are resized when windows differ."""
+    original MixMIM release; relative position tables are resized when windows differ.
+    A timm model (a non-MixMIM ``model``) is initialised by :func:`load_timm_init`."""
+    if not isinstance(model, MixMIMClassifier):
+        load_timm_init(model, path)
+        return
     sd = dict(unwrap_state_dict(load_file(path)))
     if not any(k.startswith("encoder.") for k in sd):
         sd = convert_reference_state_dict(sd)  # original key names
@@ -42,14 +69,39 @@ def load_encoder_init(model: MixMIMClassifier, path: str | Path) -> None:
 
 
 def input_size(cfg: FinetuneConfig) -> int:
-    """The resolution the run trains at: explicit, else the registered size's."""
+    """The resolution the run trains at: explicit, else the registered size's (224 for a timm name,
+    as in pretraining)."""
     size = cfg.img_size or cfg.model_kwargs.get("img_size")
     if size is None:
-        size = MODEL_SIZES[cfg.model].img_size if cfg.model in MODEL_SIZES else 224
+        size = MODEL_SIZES[cfg.model].img_size if cfg.model in MODEL_SIZES else TIMM_DEFAULT_IMG_SIZE
     return int(size)
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int) -> MixMIMClassifier:
+def build_timm_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model(cfg.model, num_classes=..., drop_path_rate=..., **model_kwargs)``, with
+    ``img_size`` where the family takes it (ViT, Swin); ``init`` loads its encoder weights."""
+    import timm
+
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
+                         "nor a timm model name")
+    if cfg.linear_probe:
+        raise ValueError(f"linear_probe=true is not supported for the timm encoder {cfg.model}; "
+                         "linear probing is implemented for MixMIM sizes only")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    kwargs.update({k: v for k, v in cfg.model_kwargs.items() if k != "img_size"})
+    model, _ = create_timm_model(cfg.model, img_size=input_size(cfg), **kwargs)
+    if cfg.init:
+        load_timm_init(model, cfg.init)
+    return model
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """The registered MixMIM size ``cfg.model`` as a classifier, or the plain timm model of that name."""
+    if cfg.model not in MODEL_SIZES:
+        return build_timm_classifier(cfg, num_classes)
     kwargs: dict[str, Any] = {"img_size": input_size(cfg)}
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_atomic
-from ..models import build_pretrainer
+from ..models import MODEL_SIZES, build_pretrainer
 from ..tracking import write_run_ref
 from .config import PretrainConfig, to_dict
 from .data import classification_split, pretrain_transform
@@ -21,7 +21,15 @@ PRETRAIN_WEIGHTS = "pretrain.pt"
 RUN_REF = "mlflow_run.json"
 
 
+#: ``unmix`` -> the timm adapters' group restriction (issue 6); other values have no adapter form.
+TIMM_UNMIX = {"masked_attention": True, "none": False}
+TIMM_DEFAULT_IMG_SIZE = 224  # timm encoders run at this size unless img_size says otherwise (both engines)
+
+
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
+    """The registered MixMIM size ``cfg.model``, or MixMIM on the timm encoder of that name."""
+    if cfg.model not in MODEL_SIZES:
+        return build_timm_adapter(cfg)
     kwargs: dict[str, Any] = dict(
         mask_ratio=cfg.mask_ratio, range_mask_ratio=cfg.range_mask_ratio, mask_type=cfg.mask_type,
         fill=cfg.fill, dual=cfg.dual, unmix=cfg.unmix, norm_pix_loss=cfg.norm_pix_loss,
@@ -32,6 +40,42 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
     return build_pretrainer(cfg.model, **{**kwargs, **cfg.model_kwargs})
 
 
+def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
+    """``build_adapter(cfg.model, ...)``: the MixMIM options map onto the adapter's, ``model_kwargs``
+    go to the adapter (decoder_*) and to ``timm.create_model``. The encoder is built without a
+    classifier (``num_classes=0``) unless ``model_kwargs`` says otherwise: pretraining never
+    uses it, and unused parameters would stall DDP."""
+    import timm
+
+    from ..models.adapters import build_adapter
+
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
+                         "nor a timm model name")
+    if cfg.unmix not in TIMM_UNMIX:
+        raise ValueError(f"unmix={cfg.unmix!r} is not supported for the timm encoder {cfg.model}: its adapter "
+                         f"either restricts attention to each image's own group or not; expected one of "
+                         f"{sorted(TIMM_UNMIX)}")
+    if cfg.fill != "mix":
+        raise ValueError(f"fill={cfg.fill!r} is not supported for the timm encoder {cfg.model}: its adapter fills "
+                         "an image's masked cells with the other image only; expected fill='mix'")
+    kwargs: dict[str, Any] = dict(
+        mask_ratio=cfg.mask_ratio, range_mask_ratio=cfg.range_mask_ratio, mask_type=cfg.mask_type,
+        dual=True if cfg.dual is None else cfg.dual, norm_pix_loss=cfg.norm_pix_loss,
+        restrict=TIMM_UNMIX[cfg.unmix], num_classes=0,
+    )
+    kwargs.update(cfg.model_kwargs)
+    img_size = kwargs.pop("img_size", cfg.img_size) or TIMM_DEFAULT_IMG_SIZE
+    model = build_adapter(cfg.model, img_size=img_size, **kwargs)
+    if cfg.grad_checkpointing:
+        if not model.checkpoint_safe:
+            raise ValueError(f"grad_checkpointing=true is not supported for the timm encoder {cfg.model} "
+                             f"({model.family} adapter): timm's checkpointing would recompute its blocks without "
+                             "the group restriction")
+        model.encoder.set_grad_checkpointing(True)
+    return model
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining; returns the epoch history and the run id."""
     info = init_distributed(cfg.device)
@@ -40,7 +84,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         seed_everything(per_rank_seed(cfg.seed, info))
-        img_size = model.encoder.img_size[0]
+        img_size = (getattr(model, "img_size", None) or model.encoder.img_size)[0]  # a timm adapter's, or MixMIM's
         dataset = classification_split(cfg.dataset, cfg.data_root, "train",
                                        pretrain_transform(img_size, cfg.crop_scale), cfg.skip_bad_images)
         data = train_data(dataset, cfg, cfg.batch_size, info)
