@@ -282,3 +282,12 @@ def test_fp16_needs_a_gpu(data_root, store, tmp_path):
         autocast_dtype("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision='fp8'"):
         autocast_dtype("fp8", torch.device("cpu"))
+
+
+def test_scheduled_lr_applies_layer_decay_once():
+    model = build_classifier("mixmim_nano", num_classes=3)
+    opt = build_adamw(model, lr=1.0, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.5)
+    sched = build_cosine_schedule(opt, total_steps=10, warmup_steps=0, min_lr=0.0)
+    sched.step_update(0)
+    for group in opt.param_groups:
+        assert group["lr"] == pytest.approx(group["lr_scale"])  # lr 1.0 at step 0, times the scale once

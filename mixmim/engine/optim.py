@@ -31,8 +31,10 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
     else:
         groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     for group in groups:
+        # The base lr only: timm's scheduler multiplies by the group's lr_scale when it sets
+        # each step's lr, so scaling here as well would apply the decay twice.
         group.setdefault("lr_scale", 1.0)
-        group["lr"] = lr * group["lr_scale"]
+        group["lr"] = lr
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 

@@ -1,0 +1,596 @@
+"""Dense-transfer training engines: Mask R-CNN on COCO and UperNet on ADE20K (Table 4, section 8).
+
+Built like :mod:`mixmim.engine.finetune`: one process or many under torchrun, seeded
+data (every item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler,
+the generic :class:`~mixmim.engine.loop.Loop` (precision, accumulation, clipping,
+atomic checkpoints, resume), MLflow through :func:`~mixmim.engine.runner.open_tracker`,
+final weights written atomically with the run reference beside them.
+
+What is specific to dense transfer:
+
+* **Optimiser.** AdamW over the layer-decay groups of
+  :func:`mixmim.transfer.backbone.param_groups_layer_decay` (neck and heads at the
+  full lr). Each group carries ``lr_scale``; :class:`DenseSchedule` sets every group's
+  lr to ``schedule(t) * lr_scale`` at each optimiser step (warmup, then step / poly /
+  cosine).
+* **ADE20K runs in iterations.** The training split is viewed as a
+  :class:`RepeatDataset` of ``iters_per_epoch * batch_size`` items, so one loop
+  "epoch" is exactly ``iters_per_epoch`` optimiser steps and ``max_iters /
+  iters_per_epoch`` of them make the run (mmseg's iteration-based runner, with
+  checkpoints and plot rows at every period).
+* **Evaluation is sharded.** Every rank predicts its share of the validation images
+  (rank r takes images r, r + W, ...); COCO results are gathered to rank 0 for
+  COCOeval, ADE20K confusion matrices are summed. All ranks get the same metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import save_atomic
+from ..engine.config import ConfigError, to_dict
+from ..engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from ..engine.loop import Loop, autocast_dtype
+from ..engine.pretrain import RUN_REF
+from ..engine.runner import (
+    TrainData, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+)
+from ..models.registry import MODEL_SIZES
+from ..pipeline import write_text_atomic
+from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
+from .backbone import MixMIMBackbone, build_backbone, detection_window_sizes, param_groups_layer_decay
+from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
+from .data import (
+    ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, CocoInstanceDataset, LargeScaleJitter,
+    SegmentationTrainTransform, keep_ratio_size, reduce_zero_label,
+)
+from .detection import DETECTION_BACKBONE_PREFIX, build_mask_rcnn, coco_evaluate_results, detections_to_coco
+from .metrics import confusion_matrix, segmentation_scores
+from .segmentation import SEGMENTATION_BACKBONE_PREFIX, UperNetSegmentor, build_upernet, slide_inference
+
+__all__ = [
+    "DETECTOR_WEIGHTS", "SEGMENTOR_WEIGHTS", "PER_CLASS_FILE", "DenseSchedule", "RepeatDataset",
+    "ade20k_class_names", "build_dense_backbone", "build_detector", "build_segmentor", "collate_detection_batch",
+    "collate_segmentation_batch", "evaluate_detection", "evaluate_ade20k", "majority_class_baseline",
+    "train_detection", "train_segmentation",
+]
+
+logger = logging.getLogger("mixmim.transfer")
+
+DETECTOR_WEIGHTS = "detector.pt"
+SEGMENTOR_WEIGHTS = "segmentor.pt"
+PER_CLASS_FILE = "per_class_iou.json"
+BUILTIN_META = "builtin_meta.json"  # written by mixmim.data.builtin beside a stand-in dataset
+
+#: COCO metrics of the history and the final result: suite name -> key of coco_evaluate_results.
+COCO_KEYS = {"ap_box": "AP_box", "ap50_box": "AP50_box", "ap75_box": "AP75_box", "ap_mask": "AP_mask",
+             "ap50_mask": "AP50_mask", "ap75_mask": "AP75_mask", "aps_box": "APs_box", "apm_box": "APm_box",
+             "apl_box": "APl_box"}
+
+
+# --------------------------------------------------------------------------- #
+# Schedule
+# --------------------------------------------------------------------------- #
+class DenseSchedule:
+    """Per-iteration lr: a linear warmup from ``warmup_factor * lr``, times the main schedule.
+
+    ``step``: ``lr * 0.1 ** (milestones passed)`` (ViTDet/detectron2: the warmup factor
+    multiplies the step value). ``poly``: ``(lr - min_lr) * (1 - t / T) ** power + min_lr``
+    over the whole run, the warmup multiplying it (mmcv's poly policy, as BEiT uses).
+    ``cosine``: from ``lr`` to ``min_lr`` over the whole run. Every group's lr is the
+    value times its ``lr_scale`` (layer decay). ``step_update(num_updates)`` as timm's
+    schedulers, which is all the engine's loop calls.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int,
+                 kind: str = "step", warmup_factor: float = 0.001, milestones: Sequence[int] = (),
+                 gamma: float = 0.1, power: float = 1.0, min_lr: float = 0.0) -> None:
+        if kind not in ("step", "poly", "cosine"):
+            raise ValueError(f"schedule {kind!r}; expected step, poly or cosine")
+        self.optimizer = optimizer
+        self.lr, self.total, self.warmup = lr, max(int(total_steps), 1), max(int(warmup_steps), 0)
+        self.kind, self.warmup_factor, self.milestones = kind, warmup_factor, sorted(int(m) for m in milestones)
+        self.gamma, self.power, self.min_lr = gamma, power, min_lr
+        self.step_update(0)
+
+    def value(self, t: int) -> float:
+        """The lr (before ``lr_scale``) for the step after ``t`` optimiser updates."""
+        t = min(max(int(t), 0), self.total)
+        if self.kind == "step":
+            value = self.lr * self.gamma ** sum(t >= m for m in self.milestones)
+        elif self.kind == "poly":
+            value = (self.lr - self.min_lr) * (1 - t / self.total) ** self.power + self.min_lr
+        else:
+            value = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t / self.total))
+        if t < self.warmup:
+            value *= self.warmup_factor + (1 - self.warmup_factor) * t / self.warmup
+        return value
+
+    def step_update(self, num_updates: int, metric: float | None = None) -> None:
+        value = self.value(num_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value * group.get("lr_scale", 1.0)
+
+    def state_dict(self) -> dict[str, Any]:  # stateless: the loop passes the step count
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def build_optimizer(model: nn.Module, cfg: DenseConfig, prefix: str) -> torch.optim.AdamW:
+    groups = param_groups_layer_decay(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, backbone_prefix=prefix)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+class RepeatDataset(Dataset):
+    """``length`` items cycling over ``dataset`` (iteration-based training over a short split)."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.length = dataset, int(length)
+        self.size = len(dataset)  # type: ignore[arg-type]
+        if self.size == 0:
+            raise ValueError("cannot repeat an empty dataset")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % self.size]
+
+
+def _plain(value: Any) -> Any:
+    """tv_tensors as plain tensors (what checkpoints, pinning and device moves expect)."""
+    return value.as_subclass(Tensor) if isinstance(value, Tensor) else value
+
+
+def collate_detection_batch(batch: Sequence[tuple[Tensor, dict[str, Any], int]]
+                            ) -> tuple[Tensor | list[Tensor], list[dict[str, Any]], int]:
+    """SeededDataset items -> (images, targets, bad images); equal-sized images are stacked."""
+    images = [_plain(b[0]) for b in batch]
+    same = all(img.shape == images[0].shape for img in images)
+    targets = [{k: _plain(v) for k, v in b[1].items()} for b in batch]
+    return (torch.stack(images) if same else images), targets, sum(int(b[2]) for b in batch)
+
+
+def collate_segmentation_batch(batch: Sequence[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor, int]:
+    """SeededDataset items -> (images (B, 3, H, W), labels (B, H, W) int64, bad images)."""
+    images = torch.stack([_plain(b[0]) for b in batch])
+    labels = torch.stack([_plain(b[1]).to(torch.int64) for b in batch])
+    return images, labels, sum(int(b[2]) for b in batch)
+
+
+def per_process_batch(cfg: DenseConfig, info: DistInfo) -> int:
+    share = info.world_size * cfg.accum_iter
+    if cfg.batch_size % share:
+        raise ConfigError(f"batch_size={cfg.batch_size} is the total batch; it must divide over {info.world_size} "
+                          f"process(es) x accum_iter={cfg.accum_iter}")
+    return cfg.batch_size // share
+
+
+def dense_train_data(dataset: Dataset, cfg: DenseConfig, info: DistInfo,
+                     collate: Callable[[list[Any]], Any]) -> TrainData:
+    """The engine's seeded dataset, resumable sampler and epoch length, with a dense collate."""
+    batch = per_process_batch(cfg, info)
+    data = train_data(dataset, cfg, batch, info)
+    data.loader = DataLoader(
+        data.dataset, batch_size=batch, sampler=data.sampler, num_workers=cfg.num_workers, collate_fn=collate,
+        pin_memory=info.device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )
+    return data
+
+
+# --------------------------------------------------------------------------- #
+# Models
+# --------------------------------------------------------------------------- #
+def build_dense_backbone(cfg: DenseConfig) -> MixMIMBackbone:
+    """The encoder as a backbone at ``img_size`` with the configured windows and drop path, from ``init``."""
+    size = MODEL_SIZES[cfg.model]
+    kwargs = dict(cfg.model_kwargs)
+    drop_path = cfg.drop_path if cfg.drop_path is not None else size.drop_path_rate
+    kwargs.setdefault("drop_path_rate", drop_path)
+    if cfg.detection_windows:
+        windows: Any = detection_window_sizes(kwargs.get("depths", size.depths))
+    else:
+        windows = kwargs.pop("window_size", size.window_size)
+    kwargs.pop("window_size", None)
+    try:
+        return build_backbone(cfg.model, cfg.img_size, window_size=windows, checkpoint=cfg.init, **kwargs)
+    except ValueError as err:
+        if "does not tile" in str(err):
+            raise ConfigError(f"windows {windows} do not fit the feature maps of a {cfg.img_size} input "
+                              f"(detection_windows={cfg.detection_windows}, model_kwargs.window_size): {err}") from err
+        raise
+
+
+def build_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
+    return build_mask_rcnn(build_dense_backbone(cfg), num_classes, size=cfg.img_size,
+                           fpn_channels=cfg.fpn_channels, representation_size=cfg.representation_size,
+                           **cfg.detector_kwargs)
+
+
+def build_segmentor(cfg: SegmentationConfig, num_classes: int) -> UperNetSegmentor:
+    return build_upernet(build_dense_backbone(cfg), num_classes, channels=cfg.head_channels,
+                         aux_channels=cfg.aux_channels, aux_weight=cfg.aux_weight)
+
+
+class _SegmentationLoss(nn.Module):
+    """Training forward of a segmentor (DDP synchronises through ``forward``): the summed loss."""
+
+    def __init__(self, segmentor: UperNetSegmentor) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.segmentor.losses(images, labels)["loss"]
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation
+# --------------------------------------------------------------------------- #
+def _shard(count: int, info: DistInfo) -> range:
+    return range(info.rank, count, info.world_size)
+
+
+def _gather(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any, info: DistInfo) -> Any:
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, dataset: CocoInstanceDataset, info: DistInfo, precision: str = "fp32",
+                       batch_size: int = 1, max_images: int | None = None) -> dict[str, float]:
+    """COCO box / mask AP of ``model`` on ``dataset`` (untransformed), as fractions; every rank gets them."""
+    was_training = model.training
+    model.eval()
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    indices = list(_shard(count, info))
+    bbox: list[dict[str, Any]] = []
+    segm: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
+        images = [s[0].to(info.device) for s in samples]
+        with _autocast(precision, info.device):
+            predictions = model(images)
+        for (_, target), prediction in zip(samples, predictions):
+            prediction = {k: v.float() if v.is_floating_point() else v for k, v in prediction.items()}
+            b, s = detections_to_coco(target["image_id"], prediction, dataset.label_to_cat)
+            bbox += b
+            segm += s
+            ids.append(target["image_id"])
+    gathered = _gather((bbox, segm, ids), info)
+    metrics = None
+    if info.is_main:
+        all_bbox = [r for part in gathered for r in part[0]]
+        all_segm = [r for part in gathered for r in part[1]]
+        all_ids = [i for part in gathered for i in part[2]]
+        raw = coco_evaluate_results(dataset.coco, all_bbox, all_segm, all_ids)
+        metrics = {name: raw[key] for name, key in COCO_KEYS.items()}
+    model.train(was_training)
+    return _broadcast(metrics, info)
+
+
+def _predict_segmentation(model: nn.Module, image: Tensor, size: tuple[int, int], cfg: SegmentationConfig,
+                          num_classes: int, device: torch.device) -> Tensor:
+    """mmseg's ADE20K test: keep-ratio resize to test_scale, slide windows, logits back to the label size."""
+    x = image.unsqueeze(0).to(device)
+    if cfg.test_scale is not None:
+        x = F.interpolate(x, size=keep_ratio_size(*size, cfg.test_scale), mode="bilinear", align_corners=False)
+    with _autocast(cfg.precision, device):
+        logits = slide_inference(model, x, cfg.eval_crop or cfg.img_size, cfg.eval_stride, num_classes)
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].cpu()
+
+
+@torch.no_grad()
+def evaluate_ade20k(model: UperNetSegmentor, dataset: ADE20KDataset, cfg: SegmentationConfig, info: DistInfo,
+                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """mIoU, pixel accuracy, mean class accuracy and per-class IoU over the split (one confusion matrix)."""
+    was_training = model.training
+    model.eval()
+    k = model.num_classes
+    count = len(dataset) if cfg.eval_max_images is None else min(cfg.eval_max_images, len(dataset))
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    for i in _shard(count, info):
+        image, label = dataset[i]
+        pred = _predict_segmentation(model, image, tuple(label.shape), cfg, k, info.device)
+        confusion += confusion_matrix(pred, label, k, model.ignore_index)
+    confusion = all_reduce_sum(confusion, info).cpu()
+    model.train(was_training)
+    scores = segmentation_scores(confusion, class_names)
+    scores["num_images"] = count
+    return scores
+
+
+class _Labels(Dataset):
+    """The label maps of an ADE20K split alone (no image decoding), ignore = 255."""
+
+    def __init__(self, dataset: ADE20KDataset) -> None:
+        self.paths = list(dataset.labels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        with Image.open(self.paths[index]) as png:
+            return reduce_zero_label(torch.from_numpy(np.array(png, dtype=np.uint8)))
+
+
+def label_histogram(dataset: ADE20KDataset, num_classes: int, num_workers: int = 0) -> Tensor:
+    """Pixel count of every class over a split's (untransformed) labels, ignore pixels excluded."""
+    hist = torch.zeros(num_classes, dtype=torch.int64)
+    for label in DataLoader(_Labels(dataset), batch_size=None, num_workers=num_workers):
+        valid = label[label != IGNORE_INDEX]
+        hist += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes]
+    return hist
+
+
+def majority_class_baseline(train_hist: Tensor, val_hist: Tensor) -> dict[str, Any]:
+    """Scores of predicting the most frequent training class at every pixel of the validation split.
+
+    Only the predicted class's column of the confusion matrix is non-zero, so the
+    matrix follows from the validation class histogram alone.
+    """
+    k = len(train_hist)
+    majority = int(train_hist.argmax())
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    confusion[:, majority] = val_hist
+    scores = segmentation_scores(confusion)
+    return {"class": majority, "miou": scores["mIoU"], "pixel_acc": scores["aAcc"]}
+
+
+def ade20k_class_names(root: str | Path, num_classes: int) -> list[str]:
+    """Class names: ADE20K's objectInfo150.txt, a built-in stand-in's meta file, else "0".."K-1"."""
+    root = Path(root)
+    base = root / ADE20K_DIR if (root / ADE20K_DIR).is_dir() else root
+    for info in (base / "objectInfo150.txt", base / "objectInfo150.csv", root / "objectInfo150.csv"):
+        if info.is_file():
+            with info.open(newline="") as fh:
+                rows = [r for r in csv.reader(fh, delimiter="\t" if info.suffix == ".txt" else ",") if r]
+            names = [r[-1].split(";")[0].strip() for r in rows[1:]]
+            if len(names) == num_classes:
+                return names
+    meta = root / BUILTIN_META
+    if meta.is_file():
+        classes = json.loads(meta.read_text()).get("classes", {})
+        names = [classes.get(str(i + 1)) for i in range(num_classes)]
+        if all(names):
+            return names  # type: ignore[return-value]
+    return [str(i) for i in range(num_classes)]
+
+
+def ade20k_num_classes(root: str | Path) -> int:
+    """150, or the class count a built-in stand-in records (its label 0 is ignored)."""
+    meta = Path(root) / BUILTIN_META
+    if meta.is_file():
+        classes = json.loads(meta.read_text()).get("classes")
+        if classes:
+            return len(classes) - 1
+    return ADE20K_NUM_CLASSES
+
+
+# --------------------------------------------------------------------------- #
+# Shared engine pieces
+# --------------------------------------------------------------------------- #
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Only finite numbers (NaN marks 'no ground truth' and is not a score to log)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _tags(cfg: DenseConfig, stage: str, dataset: str) -> dict[str, str]:
+    tags = {"mixmim.stage": stage, "mixmim.model": cfg.model, "mixmim.dataset": dataset,
+            "mixmim.init": cfg.init or "scratch"}
+    if cfg.init and (Path(cfg.init).parent / RUN_REF).is_file():
+        try:
+            tags[PRETRAIN_RUN_TAG] = read_run_ref(Path(cfg.init).parent / RUN_REF)["run_id"]
+        except ValueError as err:
+            logger.warning("ignoring the run reference beside %s: %s", cfg.init, err)
+    return tags
+
+
+def _periodic(evaluate: Callable[[nn.Module], dict[str, float]], every: int, epochs: int,
+              done: Callable[[], int]) -> Callable[[nn.Module], dict[str, float]] | None:
+    """Evaluate at every ``every``-th epoch except the last (the final evaluation covers it)."""
+    if every <= 0:
+        return None
+
+    def run(model: nn.Module) -> dict[str, float]:
+        epoch = done() + 1
+        return evaluate(model) if epoch % every == 0 and epoch < epochs else {}
+
+    return run
+
+
+def _make_loop(cfg: DenseConfig, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: DenseSchedule, data: TrainData, loss_fn: Callable[[nn.Module, Any], Tensor], epochs: int,
+               info: DistInfo, out: Path, tracker: Any,
+               evaluate: Callable[[nn.Module], dict[str, float]] | None) -> Loop:
+    loop = Loop(model=model, train_model=train_model, optimizer=optimizer,
+                scheduler=scheduler,  # type: ignore[arg-type]  # duck-typed: the loop only calls step_update
+                loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn, epochs=epochs,
+                batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out, config=to_dict(cfg),
+                tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad,
+                ckpt_every_steps=cfg.ckpt_every_steps, log_every_steps=cfg.log_every_steps,
+                channels_last=cfg.channels_last, progress=cfg.progress, resume=cfg.resume)
+    loop.evaluate = _periodic(evaluate, cfg.eval_every, epochs, lambda: len(loop.history)) if evaluate else None
+    return loop
+
+
+# --------------------------------------------------------------------------- #
+# COCO
+# --------------------------------------------------------------------------- #
+def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
+    """Train (or resume) Mask R-CNN on COCO and evaluate; returns the history, final metrics and run id."""
+    check_config(cfg)
+    if not cfg.data_root:
+        raise ConfigError("DetectionConfig.data_root is empty; expected the COCO folder (annotations/, train2017/)")
+    info = init_distributed(cfg.device)
+    try:
+        out = output_dir(cfg)
+        train_set = CocoInstanceDataset(cfg.data_root, "train", transform=LargeScaleJitter(cfg.img_size, cfg.lsj_scale))
+        val_set = CocoInstanceDataset(cfg.data_root, "val")
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = build_detector(cfg, train_set.num_classes)
+        seed_everything(per_rank_seed(cfg.seed, info))
+        data = dense_train_data(train_set, cfg, info, collate_detection_batch)
+        optimizer = build_optimizer(model, cfg, DETECTION_BACKBONE_PREFIX)
+        total = data.steps_per_epoch * cfg.epochs
+        warmup = round(cfg.warmup_epochs * data.steps_per_epoch)
+        milestones = [round(f * total) for f in cfg.lr_steps]
+        scheduler = DenseSchedule(optimizer, cfg.lr, total, warmup, cfg.schedule, cfg.warmup_factor, milestones,
+                                  power=cfg.poly_power, min_lr=cfg.min_lr)
+        train_model = wrap_model(model, cfg, info)
+
+        def loss_fn(m: nn.Module, batch: list[Any]) -> Tensor:
+            images, targets = batch
+            losses = m(list(images), targets)
+            return sum(losses.values())  # type: ignore[return-value]
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            return evaluate_detection(m, val_set, info, cfg.precision, cfg.eval_batch_size, cfg.eval_max_images)
+
+        def evaluate_record(m: nn.Module) -> dict[str, float]:
+            return _finite(evaluate(m))  # history rows: scores only (NaN = no ground truth in that range)
+
+        with open_tracker(cfg, info, "coco", _tags(cfg, "coco", "coco")) as tracker:
+            derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
+                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+                       "lr_milestones": milestones, "num_classes": train_set.num_classes,
+                       "train_images": len(train_set), "val_images": len(val_set)}
+            tracker.log_params(run_params(cfg, derived))
+            tracker.log_dict(to_dict(cfg), "config.yaml")
+            loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
+                              tracker, evaluate_record)
+            history = loop.run()
+            final = evaluate(model)
+            step = history[-1]["step"] if history else 0
+            tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
+            if history:
+                history[-1].update(_finite(final))
+            if info.is_main:
+                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_coco_mask_rcnn",
+                             "num_classes": train_set.num_classes}, out / DETECTOR_WEIGHTS)
+                write_run_ref(out / RUN_REF, tracker)
+            return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS)}
+    finally:
+        cleanup(info)
+
+
+# --------------------------------------------------------------------------- #
+# ADE20K
+# --------------------------------------------------------------------------- #
+def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
+    """Train (or resume) UperNet on ADE20K for ``max_iters`` and evaluate; also scores the majority baseline."""
+    check_config(cfg)
+    if not cfg.data_root:
+        raise ConfigError("SegmentationConfig.data_root is empty; expected the ADE20K folder (ADEChallengeData2016/)")
+    info = init_distributed(cfg.device)
+    try:
+        out = output_dir(cfg)
+        num_classes = cfg.num_classes or ade20k_num_classes(cfg.data_root)
+        transform = SegmentationTrainTransform(cfg.img_size, cfg.train_scale, cfg.ratio_range, cfg.cat_max_ratio,
+                                               photometric=cfg.photometric)
+        train_set = ADE20KDataset(cfg.data_root, "train", transform=transform, num_classes=num_classes)
+        val_set = ADE20KDataset(cfg.data_root, "val", num_classes=num_classes)
+        class_names = ade20k_class_names(cfg.data_root, num_classes)
+        seed_everything(cfg.seed)
+        model = build_segmentor(cfg, num_classes)
+        if info.distributed and info.device.type == "cuda":  # mmseg's SyncBN (torch's is CUDA-only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        seed_everything(per_rank_seed(cfg.seed, info))
+        epochs = cfg.max_iters // cfg.iters_per_epoch
+        period = RepeatDataset(train_set, cfg.iters_per_epoch * cfg.batch_size)
+        data = dense_train_data(period, cfg, info, collate_segmentation_batch)
+        optimizer = build_optimizer(model, cfg, SEGMENTATION_BACKBONE_PREFIX)
+        total = data.steps_per_epoch * epochs
+        milestones = [round(f * total) for f in cfg.lr_steps]
+        scheduler = DenseSchedule(optimizer, cfg.lr, total, cfg.warmup_iters, cfg.schedule, cfg.warmup_factor,
+                                  milestones, power=cfg.poly_power, min_lr=cfg.min_lr)
+        train_model = wrap_model(_SegmentationLoss(model), cfg, info)
+
+        def loss_fn(m: nn.Module, batch: list[Tensor]) -> Tensor:
+            return m(*batch)
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            scores = evaluate_ade20k(m, val_set, cfg, info)  # type: ignore[arg-type]
+            return {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"]}
+
+        with open_tracker(cfg, info, "ade20k", _tags(cfg, "ade20k", "ade20k")) as tracker:
+            derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
+                       "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
+                       "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
+            tracker.log_params(run_params(cfg, derived))
+            tracker.log_dict(to_dict(cfg), "config.yaml")
+            loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
+                              tracker, evaluate)
+            history = loop.run()
+            scores = evaluate_ade20k(model, val_set, cfg, info, class_names)
+            baseline = None
+            if info.is_main:
+                baseline = majority_class_baseline(label_histogram(train_set, num_classes, cfg.num_workers),
+                                                   label_histogram(val_set, num_classes, cfg.num_workers))
+            baseline = _broadcast(baseline, info)
+            final = {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"],
+                     "baseline_miou": baseline["miou"], "baseline_pixel_acc": baseline["pixel_acc"]}
+            per_class = {"iou": scores["IoU"], "acc": scores["Acc"], "majority_class": class_names[baseline["class"]],
+                         "num_images": scores["num_images"]}
+            step = history[-1]["step"] if history else 0
+            tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
+            tracker.log_dict(_json_safe(per_class), PER_CLASS_FILE)
+            if history:
+                history[-1].update({k: final[k] for k in ("miou", "pixel_acc", "macc")})
+            if info.is_main:
+                write_text_atomic(out / PER_CLASS_FILE, json.dumps(_json_safe(per_class), indent=2) + "\n")
+                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_ade20k_upernet",
+                             "num_classes": num_classes, "class_names": class_names}, out / SEGMENTOR_WEIGHTS)
+                write_run_ref(out / RUN_REF, tracker)
+            return {"history": history, **final, "per_class_iou": scores["IoU"], "majority_class": baseline["class"],
+                    "run_id": tracker.run_id, "weights": str(out / SEGMENTOR_WEIGHTS)}
+    finally:
+        cleanup(info)
