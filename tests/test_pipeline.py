@@ -126,3 +126,13 @@ def test_repository_pipelines_parse():
         for name in variants:
             sections = ["pretrain"] + ([f"variants.{name}"] if "variants" in params.data else [])
             from_mapping(PretrainConfig, merged(params, sections))
+
+
+def test_dense_sections_of_the_shipped_pipelines_parse():
+    from mixmim.engine.config import from_mapping
+    from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
+
+    for path in (REPO / "params.yaml", REPO / "pipelines" / "paper" / "params.yaml"):
+        params = load_params(path)
+        for key, cls in (("coco", DetectionConfig), ("ade20k", SegmentationConfig)):
+            check_config(from_mapping(cls, params.section(key), where=f"{path}: {key}"))
