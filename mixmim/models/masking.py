@@ -62,6 +62,17 @@ def sample_mask(grid: tuple[int, int], mask_type: str, ratio: float, range_ratio
     raise ValueError(f"mask_type={mask_type!r}; expected one of {MASK_TYPES}")
 
 
+def check_mask_settings(mask_type: str, ratio: float, range_ratio: float) -> None:
+    """Refuse a mask type or ratio the samplers cannot honour, naming the value."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type={mask_type!r}; expected one of {MASK_TYPES}")
+    if not 0.0 < ratio < 1.0 or range_ratio < 0 or ratio + range_ratio >= 1.0:
+        raise ValueError(
+            f"mask_ratio={ratio}, range_mask_ratio={range_ratio}; expected "
+            "0 < mask_ratio and mask_ratio + range_mask_ratio < 1"
+        )
+
+
 def check_mask(mask: Tensor, num_cells: int) -> Tensor:
     """Validate a user-given mask: shape (1, L) and values in {0, 1}; returns it as float."""
     if mask.ndim != 2 or mask.shape[0] != 1 or mask.shape[1] != num_cells:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .encoder import MixMIMEncoder, upsample_mask
 from .layers import Size2, init_transformer_weights, sincos_pos_embed_2d
-from .masking import MASK_TYPES, check_mask, sample_mask
+from .masking import check_mask, check_mask_settings, sample_mask
 
 FILLS = ("mix", "zero", "learnable", "shuffle", "zoomin")
 UNMIX = ("masked_attention", "mix_embedding", "none")
@@ -158,13 +158,7 @@ class MixMIMPretrainer(nn.Module):
             raise ValueError(f"fill={fill!r}; expected one of {FILLS}")
         if unmix not in UNMIX:
             raise ValueError(f"unmix={unmix!r}; expected one of {UNMIX}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type={mask_type!r}; expected one of {MASK_TYPES}")
-        if not 0.0 < mask_ratio < 1.0 or range_mask_ratio < 0 or mask_ratio + range_mask_ratio >= 1.0:
-            raise ValueError(
-                f"mask_ratio={mask_ratio}, range_mask_ratio={range_mask_ratio}; expected "
-                "0 < mask_ratio and mask_ratio + range_mask_ratio < 1"
-            )
+        check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
         if dual is None:
             dual = fill == "mix"
         if dual and fill != "mix":

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Size2, to_2tuple
-from ..masking import MASK_TYPES, check_mask, sample_mask
+from ..masking import check_mask, check_mask_settings, sample_mask
 from ..pretrain import MixMIMDecoder, PretrainOutput, reconstruction_loss
 
 PAD = -1.0  # group-map value of padding positions: constant content, valid for both groups
@@ -132,13 +132,7 @@ class TimmMixMIMAdapter(nn.Module):
         decoder_mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type={mask_type!r}; expected one of {MASK_TYPES}")
-        if not 0.0 < mask_ratio < 1.0 or range_mask_ratio < 0 or mask_ratio + range_mask_ratio >= 1.0:
-            raise ValueError(
-                f"mask_ratio={mask_ratio}, range_mask_ratio={range_mask_ratio}; expected "
-                "0 < mask_ratio and mask_ratio + range_mask_ratio < 1"
-            )
+        check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
         self.img_size = to_2tuple(img_size)
         if self.img_size[0] % stride or self.img_size[1] % stride:
             raise ValueError(
