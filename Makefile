@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test repro ablations mlflow-ui clean
+.PHONY: setup test repro ablations backbones mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ repro: setup
 ablations: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mixmim pipeline --params pipelines/ablations/params.yaml \
 		-- dvc repro pipelines/ablations/dvc.yaml
+
+# MixMIM on timm encoders (ViT, Swin, PVT v2, ResNet; Tables 3 and 13) at built-in scale, one parent run.
+backbones: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mixmim pipeline --params pipelines/backbones/params.yaml \
+		-- dvc repro pipelines/backbones/dvc.yaml
 
 # The MLflow UI over the default store, on loopback only.
 MLFLOW_PORT ?= 5000

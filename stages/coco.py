@@ -7,16 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# libgomp's default spin-waiting makes a 2-thread torch process ~15x slower whenever another process
-# shares the cores (measured on the 2-core built-in box); passive waiting costs next to nothing alone.
-# It must be set before torch (imported by mixmim) starts OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from mixmim.pipeline import load_params  # noqa: E402
-from mixmim.transfer.stages import coco_stage  # noqa: E402
+from mixmim.pipeline import load_params
+from mixmim.transfer.stages import coco_stage
 
 
 def main(argv: list[str] | None = None) -> int:

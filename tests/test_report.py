@@ -61,7 +61,8 @@ def _populate(uri: str) -> None:
     _log_run(uri, "default", "finetune", "inat2018", dataset="inat2018", params={"epochs": 3}, parent=pre,
              metrics={"final/top1": 33.3})
     _log_run(uri, "default", "coco", "default", dataset="coco", parent=pre, params={"epochs": 2},
-             metrics={"final/ap_box": 0.123, "final/ap_mask": 0.101, "final/ap50_box": 0.3, "final/ap75_box": 0.1})
+             metrics={"final/ap_box": 0.123, "final/ap_mask": 0.101, "final/ap50_box": 0.3, "final/ap75_box": 0.1,
+                      "model/gflops": 1.33, "model/params_m": 6.84})
     _log_run(uri, "default", "ade20k", "default", dataset="ade20k", parent=pre, params={"max_iters": 50},
              metrics={"final/miou": 0.2345, "final/pixel_acc": 0.6, "final/baseline_miou": 0.05})
     # ablations pipeline
@@ -186,7 +187,8 @@ def test_missing_cells_say_why(built: Mapping[str, Any]) -> None:
     t4 = _table(built, "table4_coco_ade20k")
     b = _row(t4, method="MixMIM", backbone="MixMIM-B")
     assert (b["AP box (ours)"], b["AP mask (ours)"], b["mIoU (ours)"]) == ("12.3", "10.1", "23.4")
-    assert b["COCO GFLOPs (ours)"] == "— (not measured)"
+    assert (b["COCO GFLOPs (ours)"], b["COCO params M (ours)"]) == ("1.3", "6.8")  # as the coco run logged them
+    assert b["ADE GFLOPs (ours)"].startswith("— (model/gflops not logged by run ")
     t5 = _table(built, "table5_cls_transfer")
     b5 = _row(t5, method="MixMIM", backbone="MixMIM-B")
     assert b5["iNat18 (ours)"] == "33.3" and "no finished finetune run on places365" in b5["Places365 (ours)"]
@@ -247,21 +249,35 @@ def test_perfect_prediction_reconstructs_the_image() -> None:
     assert torch.equal(out[:, :32, 32:], torch.zeros(3, 32, 32))  # visible cell: kept from the input
 
 
-def test_table4_shows_given_dense_costs_beside_the_paper() -> None:
+def test_table4_shows_the_logged_dense_costs_beside_the_paper() -> None:
     """Table builders are pure functions of a RunIndex, so they need no store."""
     from mixmim.report.runs import Run, RunIndex
     from mixmim.report.tables import table4
 
     coco = Run("r1", "default", "paper", "coco", "default", "coco", "mixmim_base", "paper",
-               metrics={"final/ap_box": 0.5, "final/ap_mask": 0.45})
-    costs = {"coco": {"gflops": 700.6, "params_m": 110.2}, "ade20k": {"gflops": 0.0873}}
-    t4 = table4(RunIndex([coco], {"default": "paper"}), costs)
+               metrics={"final/ap_box": 0.5, "final/ap_mask": 0.45, "model/gflops": 700.6, "model/params_m": 110.2})
+    t4 = table4(RunIndex([coco], {"default": "paper"}))
     b, large = t4[t4["backbone"] == "MixMIM-B"].iloc[0], t4[t4["backbone"] == "MixMIM-L"].iloc[0]
     assert (b["COCO GFLOPs (paper)"], b["COCO GFLOPs (ours)"], b["COCO params M (ours)"]) == ("701", "701", "110")
-    assert (b["AP box (ours)"], b["ADE GFLOPs (ours)"], b["ADE params M (ours)"]) == ("50.0", "0.0873", "— (not measured)")
-    assert b["mIoU (ours)"] == "— (no finished ade20k run in 'paper')"
+    assert b["AP box (ours)"] == "50.0"
+    assert b["ADE GFLOPs (ours)"] == b["mIoU (ours)"] == "— (no finished ade20k run in 'paper')"
     assert large["AP box (ours)"] == "— (MixMIM-L not run at paper scale)"
     assert b["scale (ours)"] == "paper data, mixmim_base, 224 px"
+
+
+def test_scale_label_names_the_encoder_arguments_a_run_changed() -> None:
+    from mixmim.report.runs import Run, RunIndex
+    from mixmim.report.tables import scale_label
+
+    params = {"img_size": "64", "model_kwargs.embed_dim": "48", "model_kwargs.window_size": "4",
+              **{f"model_kwargs.depths.{i}": "2" for i in range(4)}, "model_kwargs.depths.10": "3",
+              "model_kwargs.decoder_dim": "128"}
+    run = Run("r1", "backbones", "backbones", "finetune", "swin", "imagenet", "swin_tiny_patch4_window7_224",
+              "builtin", params=params)
+    label = scale_label(run, RunIndex([run], {"backbones": "backbones"}))
+    assert label.startswith("built-in data, swin_tiny_patch4_window7_224 "
+                            "(depths=[2, 2, 2, 2, 3], embed_dim=48, window_size=4), 64 px")
+    assert "decoder" not in label
 
 
 def test_single_reconstruction_without_a_partner_image_drops_those_columns() -> None:

@@ -23,9 +23,10 @@ from mixmim.tracking import PRETRAIN_RUN_TAG
 from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
 from mixmim.transfer.stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
 from mixmim.transfer.train import (
-    DETECTOR_WEIGHTS, PER_CLASS_FILE, SEGMENTOR_WEIGHTS, DenseSchedule, build_dense_backbone,
-    majority_class_baseline, train_detection, train_segmentation,
+    DETECTOR_WEIGHTS, PER_CLASS_FILE, SEGMENTOR_WEIGHTS, DenseSchedule, build_dense_backbone, build_detector,
+    build_segmentor, majority_class_baseline, train_detection, train_segmentation,
 )
+from mixmim.transfer import mask_rcnn_complexity, upernet_complexity
 
 # pycocotools' mask decoding trips a numpy-2 DeprecationWarning inside its own code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -99,6 +100,11 @@ def test_detection_resumes_after_a_kill(roots, store, tmp_path, monkeypatch):
     run = MlflowClient(store).get_run(result["run_id"])
     assert {"final/ap_box", "final/ap_mask", "final/ap50_box", "final/ap75_box"} <= set(run.data.metrics)
     assert run.data.tags["mixmim.stage"] == "coco" and run.data.tags["mixmim.init"] == "scratch"
+    # the size it logged (counted on a meta-device twin) is that of the model it trained, counted for real
+    real = mask_rcnn_complexity(build_detector(cfg, 6).eval(), cfg.img_size, cfg.model)
+    assert real.gflops > 0 and "20 RoIs" in real.convention  # the test's rpn_post_nms_top_n_test
+    assert run.data.metrics["model/gflops"] == pytest.approx(real.gflops, rel=1e-6)
+    assert run.data.metrics["model/params_m"] == pytest.approx(real.params_m, rel=1e-6)
     assert (tmp_path / "mlflow_run.json").is_file()
 
     reference = engine_cfg(DetectionConfig, COCO_SECTION, roots["coco"], store, tmp_path / "uninterrupted")
@@ -121,6 +127,10 @@ def test_segmentation_runs_and_a_finished_run_starts_afresh(roots, store, tmp_pa
     assert set(per_class["iou"]) == set(first["per_class_iou"])
     run = MlflowClient(store).get_run(first["run_id"])
     assert {"final/miou", "final/pixel_acc", "final/baseline_miou", "final/baseline_pixel_acc"} <= set(run.data.metrics)
+    real = upernet_complexity(build_segmentor(cfg, 8).eval(), cfg.img_size, cfg.model)
+    assert real.gflops > 0
+    assert run.data.metrics["model/gflops"] == pytest.approx(real.gflops, rel=1e-6)
+    assert run.data.metrics["model/params_m"] == pytest.approx(real.params_m, rel=1e-6)
 
     again = train_segmentation(cfg)  # the checkpoint is of a finished run: the loop starts afresh, same seed
     assert [h["step"] for h in again["history"]] == [2, 4]

@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -86,19 +85,18 @@ def _top1_figure(index: RunIndex) -> Figure:
                                f"ours: top-1 on {dataset} (%)", note)
 
 
-def _dense_figure(index: RunIndex, stage: str, metric: str, dense_costs: Mapping[str, Mapping[str, Any]] | None,
-                  paper_x: str, paper_y: str, title: str, paper_label: str, ours_label: str) -> Figure:
+def _dense_figure(index: RunIndex, stage: str, metric: str, paper_x: str, paper_y: str, title: str,
+                  paper_label: str, ours_label: str) -> Figure:
     """Figure 2 (middle/right): a dense task's paper points (Table 4) and our run."""
     paper = figs.paper_points(paper_table("table4_coco_ade20k"), paper_x, paper_y, "method", "backbone")
     run = index.find("default", stage)
     ours, note = [], ""
     value = run.metric(metric) if run else None
     if run is not None and value is not None:
-        cost = (dense_costs or {}).get(stage) or {}
-        if cost.get("gflops") is not None:
-            gflops, source = float(cost["gflops"]), "dense model GFLOPs as given to the report"
-        else:
-            gflops, source = _run_gflops(run), "encoder-only GFLOPs at classification size (dense cost not given)"
+        gflops = run.metric("model/gflops")
+        source = f"{stage} model GFLOPs at {image_size(run)} px, as the run logged them"
+        if gflops is None:  # a run from before the dense engines logged their size
+            gflops, source = _run_gflops(run), "encoder-only GFLOPs at classification size (run logged no model/gflops)"
         if gflops is not None:
             ours.append(figs.Point("ours", f"{run.model} ({_scale_words(run)})", gflops, value * 100))
             note = f"ours: {source}: {gflops:.3g}"
@@ -175,7 +173,6 @@ def build_report(
     pretrain_weights: str | os.PathLike[str] | None = None,
     sample_images: str | os.PathLike[str] | None = None,
     scale_note: str = "",
-    dense_costs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Report:
     """Write ``out_dir/{tables,figures,README.md}`` from the finished runs of ``experiments``.
 
@@ -183,15 +180,13 @@ def build_report(
     experiment that pipeline logged to; a role left out is reported as not run. The
     reconstruction figure needs both ``pretrain_weights`` (a pretraining checkpoint) and
     ``sample_images`` (a folder of images); without them it is skipped and the README
-    says so. ``dense_costs`` optionally gives our detector's/segmentor's size for Table 4
-    and the dense FLOPs plots (``{"coco": {"gflops": .., "params_m": ..}, "ade20k": {...}}``).
-    The previous contents of ``out_dir`` are replaced as a whole.
+    says so. The previous contents of ``out_dir`` are replaced as a whole.
     """
     weights = Path(pretrain_weights) if pretrain_weights is not None else None
     images = Path(sample_images) if sample_images is not None else None
     _check_inputs(experiments, weights, images)
     index = load_runs(tracking_uri, experiments)
-    tables = build_tables(index, dense_costs)
+    tables = build_tables(index)
     out = Path(out_dir)
     report = Report(out)
     drawn: list[str] = []
@@ -202,10 +197,10 @@ def build_report(
         plots = {
             "figure2_flops_vs_top1.png": lambda: _top1_figure(index),
             "figure2_flops_vs_coco_ap.png": lambda: _dense_figure(
-                index, "coco", "final/ap_box", dense_costs, "coco_flops_g", "ap_box", "COCO AP box vs FLOPs",
+                index, "coco", "final/ap_box", "coco_flops_g", "ap_box", "COCO AP box vs FLOPs",
                 "COCO AP box — paper", "ours: AP box (%)"),
             "figure2_flops_vs_ade_miou.png": lambda: _dense_figure(
-                index, "ade20k", "final/miou", dense_costs, "ade_flops_g", "miou", "ADE20K mIoU vs FLOPs",
+                index, "ade20k", "final/miou", "ade_flops_g", "miou", "ADE20K mIoU vs FLOPs",
                 "ADE20K mIoU — paper", "ours: mIoU (%)"),
             "pretrain_loss_curves.png": lambda: figs.loss_curves_figure(_loss_curves(tracking_uri, index)),
         }

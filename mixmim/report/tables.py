@@ -168,13 +168,41 @@ def _epochs_text(run: Run, index: RunIndex) -> str | None:
     return own or (f"{pre} pretrain epochs" if pre else None)
 
 
+def model_overrides(run: Run) -> str:
+    """The encoder arguments a run changed from its named model (``embed_dim=48, depths=[2, 2]``).
+
+    MLflow stores ``model_kwargs`` flattened (``model_kwargs.depths.0``); lists are put back
+    together here. The decoder's arguments are left out: they do not change the encoder
+    that the table's numbers belong to.
+    """
+    values: dict[str, Any] = {}
+    for key in sorted(run.params):
+        if not key.startswith("model_kwargs."):
+            continue
+        name, _, index = key[len("model_kwargs."):].partition(".")
+        if name.startswith("decoder_"):
+            continue
+        value = run.params[key]
+        if index.isdigit():
+            values.setdefault(name, {})[int(index)] = value
+        else:
+            values[name] = value
+    words = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            value = "[" + ", ".join(value[i] for i in sorted(value)) + "]"
+        words.append(f"{name}={value}")
+    return ", ".join(words)
+
+
 def scale_label(run: Run | None, index: RunIndex, note: str = "") -> str:
     """What ran, in one cell: data, model, input size and budget (``''`` when nothing ran)."""
     if run is None:
         return ""
     parts = [_SCALE_DATA.get(run.scale, f"{run.scale} data" if run.scale else "data scale unknown")]
     if run.model:
-        parts.append(run.model)
+        overrides = model_overrides(run)
+        parts.append(f"{run.model} ({overrides})" if overrides else run.model)
     size = image_size(run)
     if size is not None:
         parts.append(f"{size} px")
@@ -350,19 +378,20 @@ def table13(index: RunIndex) -> pd.DataFrame:
 # --------------------------------------------------------------------------- Table 4
 
 
-def _cost(costs: Mapping[str, Mapping[str, Any]] | None, task: str, key: str) -> str:
-    entry = (costs or {}).get(task)
-    if not entry or entry.get(key) is None:
-        return missing("not measured")
-    return _magnitude(entry[key])
+def _cost(run: Run | None, key: str, why: str) -> str:
+    """A dense model's size as its run logged it (``model/gflops``, ``model/params_m``)."""
+    if run is None:
+        return missing(why)
+    value = run.metric(key)
+    return _magnitude(value) if value is not None else missing(f"{key} not logged by run {run.run_id}")
 
 
-def table4(index: RunIndex, dense_costs: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+def table4(index: RunIndex) -> pd.DataFrame:
     """COCO AP box/mask and ADE20K mIoU of the default pipeline on the matching MixMIM row.
 
-    ``dense_costs`` optionally gives our detector's and segmentor's size, e.g.
-    ``{"coco": detector_complexity(...).as_dict(), "ade20k": segmentor_complexity(...).as_dict()}``
-    (keys ``gflops`` and ``params_m``); without it those cells say they were not measured.
+    Our GFLOPs/params cells are those of the detector and segmentor each run trained, at
+    the run's input size, as the dense engines count and log them
+    (:func:`mixmim.transfer.train.dense_complexity`).
     """
     paper = paper_table("table4_coco_ade20k")
     coco = index.find("default", "coco")
@@ -382,10 +411,10 @@ def table4(index: RunIndex, dense_costs: Mapping[str, Mapping[str, Any]] | None 
             ours = dict.fromkeys(("cf", "cp", "box", "mask", "af", "ap", "miou", "base"), cell)
         else:
             ours = {
-                "cf": _cost(dense_costs, "coco", "gflops"), "cp": _cost(dense_costs, "coco", "params_m"),
+                "cf": _cost(coco, "model/gflops", coco_why), "cp": _cost(coco, "model/params_m", coco_why),
                 "box": percent(coco.metric("final/ap_box") if coco else None, coco_why, 100),
                 "mask": percent(coco.metric("final/ap_mask") if coco else None, coco_why, 100),
-                "af": _cost(dense_costs, "ade20k", "gflops"), "ap": _cost(dense_costs, "ade20k", "params_m"),
+                "af": _cost(ade, "model/gflops", ade_why), "ap": _cost(ade, "model/params_m", ade_why),
                 "miou": percent(ade.metric("final/miou") if ade else None, ade_why, 100),
                 "base": percent(ade.metric("final/baseline_miou") if ade else None, ade_why, 100),
             }
@@ -710,11 +739,11 @@ def pretrained_vs_scratch(index: RunIndex) -> pd.DataFrame:
 # --------------------------------------------------------------------------- all
 
 
-def build_tables(index: RunIndex, dense_costs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Table]:
+def build_tables(index: RunIndex) -> list[Table]:
     """Every table of the report, in the paper's order, the pretrained-vs-scratch table first."""
     builders: dict[str, Callable[[RunIndex], pd.DataFrame]] = {
         "table2_in1k_mim": table2, "table3_same_encoder": table3,
-        "table4_coco_ade20k": lambda idx: table4(idx, dense_costs), "table5_cls_transfer": table5,
+        "table4_coco_ade20k": table4, "table5_cls_transfer": table5,
         "table6_filling": table6, "table7_dual": table7, "table8_masking": table8, "table9_epochs": table9,
         "table10_unmixing": table10, "table13_convnets": table13,
     }

@@ -36,6 +36,7 @@ from .detection import (
     detections_to_coco,
     detector_complexity,
     evaluate_coco,
+    mask_rcnn_complexity,
 )
 from .metrics import DenseComplexity, confusion_matrix, segmentation_scores
 from .segmentation import (
@@ -45,6 +46,7 @@ from .segmentation import (
     evaluate_segmentation,
     segmentor_complexity,
     slide_inference,
+    upernet_complexity,
 )
 
 __all__ = [
@@ -53,6 +55,6 @@ __all__ = [
     "SegmentationTrainTransform", "UperNetSegmentor", "backbone_state_dict", "build_backbone", "build_mask_rcnn",
     "build_upernet", "coco_evaluate_results", "collate_detection", "confusion_matrix", "detection_loss_step",
     "detection_window_sizes", "detections_to_coco", "detector_complexity", "encoder_config", "evaluate_coco",
-    "evaluate_segmentation", "load_backbone_checkpoint", "param_groups_layer_decay", "segmentation_scores",
-    "segmentor_complexity", "slide_inference",
+    "evaluate_segmentation", "load_backbone_checkpoint", "mask_rcnn_complexity", "param_groups_layer_decay", "segmentation_scores",
+    "segmentor_complexity", "slide_inference", "upernet_complexity",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "detections_to_coco",
     "detector_complexity",
     "evaluate_coco",
+    "mask_rcnn_complexity",
     "predict_coco",
 ]
 
@@ -272,33 +273,36 @@ DETECTION_CONVENTION = (
 )
 
 
-def detector_complexity(name: str = "mixmim_base", img_size: int = 1024, num_classes: int = 80,
-                        proposals: int = 1000, detections: int = 100) -> DenseComplexity:
-    """Params and GFLOPs of the Mask R-CNN of Table 4, counted on the meta device.
+def mask_rcnn_complexity(model: MaskRCNN, img_size: int, name: str) -> DenseComplexity:
+    """Params and GFLOPs of a built Mask R-CNN at ``img_size`` (build it on the meta device to count for free).
 
     The detector's data-dependent steps (NMS, top-k, RoIAlign) cannot run on shapes
     alone, so each learned part is run on tensors of the shape it sees at test time
-    (see ``DETECTION_CONVENTION``), as fvcore-style counts of detectors do.
+    (see ``DETECTION_CONVENTION``), as fvcore-style counts of detectors do: as many RoIs
+    as the model keeps after NMS at test time, as many masks as detections per image.
     """
-    with torch.device("meta"):
-        model = build_mask_rcnn(build_backbone(name, img_size), num_classes, size=img_size).eval()
+    proposals = int(model.rpn._post_nms_top_n["testing"])  # torchvision keeps the train/test pair privately
+    detections = int(model.roi_heads.detections_per_img)
+    device = next(model.parameters()).device
+    with torch.device(device):
         x = torch.zeros(1, 3, img_size, img_size)
-        feats = model.backbone.body(x)
-        pyramid = model.backbone.fpn(feats)
+        body, fpn, heads = model.backbone.body, model.backbone.fpn, model.roi_heads
+        with torch.no_grad():
+            feats = body(x)
+            pyramid = fpn(feats)
         channels = model.backbone.out_channels
         rois = torch.zeros(proposals, channels, 7, 7)
         mask_rois = torch.zeros(detections, channels, 14, 14)
-        heads = model.roi_heads
         parts = {
-            "backbone": count_macs(lambda: model.backbone.body(x)),
-            "fpn": count_macs(lambda: model.backbone.fpn(feats)),
+            "backbone": count_macs(lambda: body(x)),
+            "fpn": count_macs(lambda: fpn(feats)),
             "rpn": count_macs(lambda: model.rpn.head(list(pyramid.values()))),
             "box_head": count_macs(lambda: heads.box_predictor(heads.box_head(rois))),
             "mask_head": count_macs(lambda: heads.mask_predictor(heads.mask_head(mask_rois))),
         }
     params = {
-        "backbone": count_trainable(model.backbone.body), "fpn": count_trainable(model.backbone.fpn),
-        "rpn": count_trainable(model.rpn), "roi_heads": count_trainable(model.roi_heads),
+        "backbone": count_trainable(body), "fpn": count_trainable(fpn),
+        "rpn": count_trainable(model.rpn), "roi_heads": count_trainable(heads),
     }
     return DenseComplexity(
         model=name, task="coco_mask_rcnn", img_size=img_size, params_m=count_trainable(model) / 1e6,
@@ -306,3 +310,10 @@ def detector_complexity(name: str = "mixmim_base", img_size: int = 1024, num_cla
         parts_params_m={k: v / 1e6 for k, v in params.items()},
         convention=DETECTION_CONVENTION.format(proposals=proposals, detections=detections),
     )
+
+
+def detector_complexity(name: str = "mixmim_base", img_size: int = 1024, num_classes: int = 80) -> DenseComplexity:
+    """Params and GFLOPs of Table 4's Mask R-CNN (torchvision's test-time defaults: 1000 RoIs, 100 detections)."""
+    with torch.device("meta"):
+        model = build_mask_rcnn(build_backbone(name, img_size), num_classes, size=img_size).eval()
+    return mask_rcnn_complexity(model, img_size, name)

@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_segmentation",
     "segmentor_complexity",
     "slide_inference",
+    "upernet_complexity",
 ]
 
 SEGMENTATION_BACKBONE_PREFIX = "backbone."
@@ -260,12 +261,13 @@ SEGMENTATION_CONVENTION = (
 )
 
 
-def segmentor_complexity(name: str = "mixmim_base", img_size: int = 512, num_classes: int = 150) -> DenseComplexity:
-    """Params and GFLOPs of the UperNet of Table 4, counted on the meta device."""
-    with torch.device("meta"):
-        model = build_upernet(build_backbone(name, img_size), num_classes).eval()
+def upernet_complexity(model: UperNetSegmentor, img_size: int, name: str) -> DenseComplexity:
+    """Params and GFLOPs of a built UperNet at ``img_size`` (build it on the meta device to count for free)."""
+    device = next(model.parameters()).device
+    with torch.device(device):
         x = torch.zeros(1, 3, img_size, img_size)
-        feats = model.features(x)
+        with torch.no_grad():
+            feats = model.features(x)
         parts = {
             "backbone": count_macs(lambda: model.features(x)),
             "decode_head": count_macs(lambda: model.decode_head(feats)),
@@ -277,3 +279,10 @@ def segmentor_complexity(name: str = "mixmim_base", img_size: int = 512, num_cla
         gflops=sum(parts.values()) / 1e9, parts_gflops={k: v / 1e9 for k, v in parts.items()},
         parts_params_m={k: v / 1e6 for k, v in params.items()}, convention=SEGMENTATION_CONVENTION,
     )
+
+
+def segmentor_complexity(name: str = "mixmim_base", img_size: int = 512, num_classes: int = 150) -> DenseComplexity:
+    """Params and GFLOPs of Table 4's UperNet."""
+    with torch.device("meta"):
+        model = build_upernet(build_backbone(name, img_size), num_classes).eval()
+    return upernet_complexity(model, img_size, name)

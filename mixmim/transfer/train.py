@@ -30,6 +30,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,28 @@ from ..engine.runner import (
 )
 from ..models.registry import MODEL_SIZES
 from ..pipeline import write_text_atomic
-from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
+from ..tracking import PRETRAIN_RUN_TAG, Tracker, read_run_ref, write_run_ref
 from .backbone import MixMIMBackbone, build_backbone, detection_window_sizes, param_groups_layer_decay
 from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
 from .data import (
     ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, CocoInstanceDataset, LargeScaleJitter,
     SegmentationTrainTransform, keep_ratio_size, reduce_zero_label,
 )
-from .detection import DETECTION_BACKBONE_PREFIX, build_mask_rcnn, coco_evaluate_results, detections_to_coco
-from .metrics import confusion_matrix, segmentation_scores
-from .segmentation import SEGMENTATION_BACKBONE_PREFIX, UperNetSegmentor, build_upernet, slide_inference
+from .detection import (
+    DETECTION_BACKBONE_PREFIX,
+    build_mask_rcnn,
+    coco_evaluate_results,
+    detections_to_coco,
+    mask_rcnn_complexity,
+)
+from .metrics import DenseComplexity, confusion_matrix, segmentation_scores
+from .segmentation import (
+    SEGMENTATION_BACKBONE_PREFIX,
+    UperNetSegmentor,
+    build_upernet,
+    slide_inference,
+    upernet_complexity,
+)
 
 __all__ = [
     "DETECTOR_WEIGHTS", "SEGMENTOR_WEIGHTS", "PER_CLASS_FILE", "DenseSchedule", "RepeatDataset",
@@ -230,6 +243,24 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
 def build_segmentor(cfg: SegmentationConfig, num_classes: int) -> UperNetSegmentor:
     return build_upernet(build_dense_backbone(cfg), num_classes, channels=cfg.head_channels,
                          aux_channels=cfg.aux_channels, aux_weight=cfg.aux_weight)
+
+
+def dense_complexity(cfg: DetectionConfig | SegmentationConfig, num_classes: int) -> DenseComplexity:
+    """Size and test-time GFLOPs of the model a run trains, counted on a meta-device twin.
+
+    The twin is built from the same config (heads, windows, FPN width, RoI counts) without
+    its initialisation, so counting costs neither memory nor compute at any input size.
+    Logged on every dense run as ``model/params_m`` and ``model/gflops``; Table 4 reads them.
+    """
+    twin_cfg = replace(cfg, init=None)
+    with torch.device("meta"):
+        if isinstance(cfg, DetectionConfig):
+            return mask_rcnn_complexity(build_detector(twin_cfg, num_classes).eval(), cfg.img_size, cfg.model)
+        return upernet_complexity(build_segmentor(twin_cfg, num_classes).eval(), cfg.img_size, cfg.model)
+
+
+def log_complexity(tracker: Tracker, complexity: DenseComplexity) -> None:
+    tracker.log_metrics({"model/params_m": complexity.params_m, "model/gflops": complexity.gflops}, step=0)
 
 
 class _SegmentationLoss(nn.Module):
@@ -505,6 +536,7 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
                        "train_images": len(train_set), "val_images": len(val_set)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_complexity(tracker, dense_complexity(cfg, train_set.num_classes))
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
                               tracker, evaluate_record)
             history = loop.run()
@@ -567,6 +599,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_complexity(tracker, dense_complexity(cfg, num_classes))
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
                               tracker, evaluate)
             history = loop.run()
