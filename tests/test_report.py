@@ -92,7 +92,7 @@ def _populate(uri: str) -> None:
         _log_run(uri, "ablations", "finetune", variant, params={"epochs": 2}, parent=ids[variant],
                  metrics={"final/top1": value})
     _log_run(uri, "ablations", "ade20k", "default", dataset="ade20k", parent=ids["default"],
-             metrics={"final/miou": 0.30})
+             params={"img_size": 128, "max_iters": 200}, metrics={"final/miou": 0.30})
     _log_run(uri, "ablations", "ade20k", "fill-zero", dataset="ade20k", parent=ids["fill-zero"],
              metrics={"final/miou": 0.25})
     # backbones pipeline: variant = timm family
@@ -164,7 +164,8 @@ def test_table6_puts_paper_and_ours_side_by_side(built: Mapping[str, Any]) -> No
     assert list(t6.columns[:5]) == ["fill", "top1 (paper)", "top1 (ours)", "mIoU (paper)", "mIoU (ours)"]
     mix = _row(t6, fill="mix")
     assert (mix["top1 (paper)"], mix["top1 (ours)"], mix["mIoU (ours)"]) == ("84.6", "60.0", "30.0")
-    assert mix["scale (ours)"].startswith("built-in data, mixmim_tiny, 64 px, 2 pretrain + 2 finetune epochs")
+    assert mix["scale (ours)"] == ("built-in data, mixmim_tiny, 64 px, 2 pretrain + 2 finetune epochs; "
+                                   "built-in data, mixmim_tiny, 128 px, 2 pretrain + 200 transfer iterations")
     zero = _row(t6, fill="zero")  # the latest finished rerun, not the superseded or the failed run
     assert (zero["top1 (paper)"], zero["top1 (ours)"], zero["mIoU (ours)"]) == ("84.1", "55.5", "25.0")
     learnable = _row(t6, fill="learnable")

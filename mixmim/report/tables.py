@@ -532,7 +532,10 @@ def _ablation_cells(index: RunIndex, result: Ablation | None, paper_top1: str, p
         miou = (percent(result.ade.metric("final/miou"), "no final/miou logged", 100) if result.ade
                 else missing(index.reason(role, "ade20k", variant=None if result.note else v)))
         variant = v
-        scale = scale_label(result.finetune or result.ade or result.pretrain, index, result.note)
+        # the finetune and the ADE20K transfer can differ in input size and budget: name both
+        runs = [r for r in (result.finetune, result.ade) if r is not None] or [result.pretrain]
+        scale = "; ".join(dict.fromkeys(scale_label(r, index) for r in runs))
+        scale = f"{scale} ({result.note})" if result.note and scale else scale
     cells = {"top1 (paper)": paper_top1, "top1 (ours)": top1}
     if want_miou:
         cells.update({"mIoU (paper)": paper_miou or "", "mIoU (ours)": miou})
