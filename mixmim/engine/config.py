@@ -64,7 +64,7 @@ class PretrainConfig(RuntimeConfig):
     mask_type: str = "random"
     fill: str = "mix"
     dual: bool | None = None
-    unmix: str = "masked_attention"
+    unmix: str | None = None  # default: masked_attention for fill=mix, none for the other fills
     norm_pix_loss: bool = True
     grad_checkpointing: bool = False
     dataset: str = "imagenet"

@@ -52,7 +52,8 @@ def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
     if not timm.is_model(cfg.model):
         raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
                          "nor a timm model name")
-    if cfg.unmix not in TIMM_UNMIX:
+    unmix = cfg.unmix or "masked_attention"
+    if unmix not in TIMM_UNMIX:
         raise ValueError(f"unmix={cfg.unmix!r} is not supported for the timm encoder {cfg.model}: its adapter "
                          f"either restricts attention to each image's own group or not; expected one of "
                          f"{sorted(TIMM_UNMIX)}")
@@ -62,7 +63,7 @@ def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
     kwargs: dict[str, Any] = dict(
         mask_ratio=cfg.mask_ratio, range_mask_ratio=cfg.range_mask_ratio, mask_type=cfg.mask_type,
         dual=True if cfg.dual is None else cfg.dual, norm_pix_loss=cfg.norm_pix_loss,
-        restrict=TIMM_UNMIX[cfg.unmix], num_classes=0,
+        restrict=TIMM_UNMIX[unmix], num_classes=0,
     )
     kwargs.update(cfg.model_kwargs)
     img_size = kwargs.pop("img_size", cfg.img_size) or TIMM_DEFAULT_IMG_SIZE

@@ -10,6 +10,22 @@ argument (defaults are the paper's choices):
   crop of the image enlarged ``zoom`` times.
 - ``dual`` (Table 7): reconstruct both images (one decoder pass of 2B) or only the
   first. Only ``fill="mix"`` has a second image, so dual defaults to ``fill == "mix"``.
+
+The non-mix fills are the BEiT/SimMIM-style alternatives the paper compares mixing
+with (section 5: the learnable fill "follow[s] previous works [3, 45]"). Their input
+holds one image, so there is no partner to keep apart and nothing to unmix: the
+encoder sees the filled image whole, with full attention (``unmix="none"``, the
+default for these fills), and the masked cells are reconstructed once. The decoder
+reads the encoder's output at *every* cell, the filled ones included, with no mask
+token: in BEiT and SimMIM the prediction of a masked patch is made from the encoder's
+output at that patch, and the paper's account of Table 6 depends on the filled
+content reaching the prediction (zero fill "mismatches" the visible tokens, the
+learnable token "adapts" to them, shuffle and zoom-in make the task easier and lower
+the pretraining loss). MixMIM's own decoder drops the other group's cells and puts
+mask tokens there because those cells hold the *partner's* content (Figure 1:
+"unmixed and filled with mask tokens"); a single filled image has nothing to unmix.
+A non-mix fill with masked attention, a mix embedding or dual reconstruction has no
+meaning and is refused.
 - ``mask_type`` (Table 8): ``random`` cells or one ``block``; ``range_mask_ratio`` adds
   U(0, range) to the ratio once per batch.
 - ``unmix`` (Table 10): ``masked_attention`` (a token attends only to its own group),
@@ -33,6 +49,36 @@ from .masking import check_mask, check_mask_settings, sample_mask
 
 FILLS = ("mix", "zero", "learnable", "shuffle", "zoomin")
 UNMIX = ("masked_attention", "mix_embedding", "none")
+
+
+def check_fill_settings(fill: str, unmix: str | None, dual: bool | None) -> tuple[str, bool]:
+    """Validate a fill with its unmixing and reconstruction; returns ``(unmix, dual)`` with the
+    defaults resolved (``mix``: masked attention, dual; other fills: no unmixing, single).
+
+    Only ``fill="mix"`` puts two images in the input. The other fills encode one image whole,
+    so separating groups in the encoder (masked attention, mix embedding) or reconstructing
+    a second image has nothing to act on, and such a combination is refused.
+    """
+    if fill not in FILLS:
+        raise ValueError(f"fill={fill!r}; expected one of {FILLS}")
+    mixes = fill == "mix"
+    if unmix is None:
+        unmix = "masked_attention" if mixes else "none"
+    if unmix not in UNMIX:
+        raise ValueError(f"unmix={unmix!r}; expected one of {UNMIX}")
+    if dual is None:
+        dual = mixes
+    if not mixes and unmix != "none":
+        raise ValueError(
+            f"fill={fill!r} with unmix={unmix!r}: only fill='mix' puts a second image (group) in the input, "
+            "the other fills are encoded whole with full attention; use unmix='none' (the default for them)"
+        )
+    if dual and not mixes:
+        raise ValueError(
+            f"dual=True with fill={fill!r}: only fill='mix' puts a second image in the input; "
+            "use dual=False (the default for the other fills)"
+        )
+    return unmix, bool(dual)
 
 
 @dataclass
@@ -96,27 +142,41 @@ class MixMIMDecoder(nn.Module):
     """Linear projection to the decoder width, mask-token filling, ViT blocks, pixel head."""
 
     def __init__(self, in_dim: int, grid: Size2, out_dim: int, dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0) -> None:
+                 num_heads: int = 16, mlp_ratio: float = 4.0, mask_token: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder_num_heads={num_heads} does not divide decoder_dim={dim}")
         self.embed = nn.Linear(in_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Without a mask token (non-mix fills: the decoder reads every cell) the parameter is
+        # absent rather than unused, so DDP does not wait for its gradient.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
         self.apply(init_transformer_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: Tensor, mask: Tensor, dual: bool) -> Tensor:
-        """Decode twice (dual) or once: the mask token replaces the other group's cells."""
+    def forward(self, latent: Tensor, mask: Tensor | None, dual: bool) -> Tensor:
+        """Decode twice (dual) or once: the mask token replaces the other group's cells.
+
+        ``mask=None`` decodes the latent as it is, every cell included (the non-mix fills).
+        """
         x = self.embed(latent)
-        m = mask.reshape(1, -1, 1).to(x.dtype)
-        tok = self.mask_token.to(x.dtype)
-        branches = [x * (1 - m) + tok * m]
-        if dual:
-            branches.append(x * m + tok * (1 - m))
+        if mask is None:
+            if dual:
+                raise ValueError("dual=True needs the mixing mask: it decodes the two groups separately")
+            branches = [x]
+        else:
+            if self.mask_token is None:
+                raise ValueError("this decoder was built without a mask token (mask_token=False); "
+                                 "decode with mask=None")
+            m = mask.reshape(1, -1, 1).to(x.dtype)
+            tok = self.mask_token.to(x.dtype)
+            branches = [x * (1 - m) + tok * m]
+            if dual:
+                branches.append(x * m + tok * (1 - m))
         x = torch.cat(branches, dim=0) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
@@ -149,23 +209,13 @@ class MixMIMPretrainer(nn.Module):
         mask_type: str = "random",
         fill: str = "mix",
         dual: bool | None = None,
-        unmix: str = "masked_attention",
+        unmix: str | None = None,
         zoom: float = 2.0,
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if fill not in FILLS:
-            raise ValueError(f"fill={fill!r}; expected one of {FILLS}")
-        if unmix not in UNMIX:
-            raise ValueError(f"unmix={unmix!r}; expected one of {UNMIX}")
+        unmix, dual = check_fill_settings(fill, unmix, dual)
         check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
-        if dual is None:
-            dual = fill == "mix"
-        if dual and fill != "mix":
-            raise ValueError(
-                f"dual=True with fill={fill!r}: only fill='mix' puts a second image in the input; "
-                "use dual=False for the other fills"
-            )
         if zoom <= 1.0:
             raise ValueError(f"zoom={zoom}; expected a zoom-in factor > 1")
         self.encoder = MixMIMEncoder(
@@ -185,7 +235,7 @@ class MixMIMPretrainer(nn.Module):
         self.zoom = zoom
         self.decoder = MixMIMDecoder(
             enc.num_features, enc.mask_grid, self.stride**2 * in_chans, decoder_dim, decoder_depth,
-            decoder_num_heads, mlp_ratio,
+            decoder_num_heads, mlp_ratio, mask_token=fill == "mix",
         )
         self.fill_token = nn.Parameter(torch.zeros(1, 1, enc.dims[0])) if fill == "learnable" else None
         if self.fill_token is not None:
@@ -259,13 +309,15 @@ class MixMIMPretrainer(nn.Module):
         else:
             mask = check_mask(mask, self.num_cells).to(imgs.device)
         latent = self.forward_encoder(imgs, mask)
-        pred = self.decoder(latent, mask, self.dual)
+        # Non-mix fills: the decoder reads the filled cells' outputs too (see the module docstring).
+        pred = self.decoder(latent, mask if self.fill == "mix" else None, self.dual)
         return PretrainOutput(loss=self.loss(imgs, pred, mask), pred=pred, latent=latent, mask=mask)
 
     def no_weight_decay(self) -> set[str]:
         """Names kept out of weight decay besides norms and biases: tables, mask and mix tokens."""
         names = {"encoder." + n for n in self.encoder.no_weight_decay()}
-        names.add("decoder.mask_token")
+        if self.decoder.mask_token is not None:
+            names.add("decoder.mask_token")
         for n, _ in self.named_parameters():
             if n.startswith(("fill_token", "mix_embed")):
                 names.add(n)

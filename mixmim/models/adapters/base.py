@@ -107,6 +107,13 @@ class TimmMixMIMAdapter(nn.Module):
     ``model(imgs)`` samples a mask, ``model(imgs, mask=m)`` uses ``m`` (1, L) where 1
     marks the cells taken from the partner image B-1-i; the output is the
     :class:`~mixmim.models.pretrain.PretrainOutput` of ``MixMIMPretrainer``.
+
+    The semantics are ``MixMIMPretrainer``'s with ``fill="mix"``: ``restrict`` is its
+    ``unmix="masked_attention"`` (off: ``"none"``), ``dual=False`` decodes image i's own
+    group with mask tokens over the partner's cells and scores the masked cells only.
+    The non-mix fills of Table 6 (one image encoded whole, every cell decoded; see
+    :func:`~mixmim.models.pretrain.check_fill_settings`) exist for the MixMIM encoder
+    only, and the engine refuses them for a timm encoder.
     """
 
     family = "base"
