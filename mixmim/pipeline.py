@@ -205,8 +205,15 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
         return result
     keys = ("epoch", "train_loss", "val_top1", "val_top5", "val_loss")
     write_plot_csv(plots_path, [{k: h[k] for k in keys if k in h} for h in result["history"]])
+    from .engine.finetune import input_size
+    from .records import records_path, write_classification_records
+
+    # the reported numbers are the last epoch's; the per-image records beside them back the report's intervals
+    write_classification_records(records_path(metrics_path), result["val_labels"], result["val_preds"])
     write_metrics(metrics_path, {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"],
-                                 "init": "pretrained" if init else "scratch", "run_id": result["run_id"]})
+                                 "init": "pretrained" if init else "scratch", "run_id": result["run_id"],
+                                 "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
+                                 "img_size": input_size(cfg), "seed": cfg.seed})
     return result
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "RECORDS_SUFFIX", "coco_match_records", "read_records", "records_path", "segmentation_counts",
+    "RECORDS_SUFFIX", "coco_gt_records", "coco_match_records", "read_records", "records_path", "segmentation_counts",
     "write_classification_records", "write_detection_records", "write_records", "write_segmentation_records",
 ]
 
@@ -120,6 +120,18 @@ def coco_match_records(coco_eval: Any, image_ids: Iterable[int], prune: bool = T
                     floor[cat] = min(floor.get(cat, score), score)
         for image in records:
             image["dets"] = [d for d in image["dets"] if d[0] in floor and d[1] >= floor[d[0]]]
+    return records
+
+
+def coco_gt_records(coco_gt: Any, image_ids: Iterable[int]) -> list[dict[str, Any]]:
+    """Records of images with no detections at all: only their non-crowd ground truths per category."""
+    records = []
+    for image_id in image_ids:
+        gt: dict[str, int] = {}
+        for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id])):
+            if not ann.get("iscrowd", 0):
+                gt[str(int(ann["category_id"]))] = gt.get(str(int(ann["category_id"])), 0) + 1
+        records.append({"image_id": int(image_id), "gt": gt, "dets": []})
     return records
 
 

@@ -50,6 +50,10 @@ def test_stages_write_metrics_plots_and_lineage(folder, monkeypatch):
                         "runs/ft", str(folder / "m" / "ft.json"), str(folder / "p" / "ft.csv"))
     metrics = json.loads((folder / "m" / "ft.json").read_text())
     assert set(metrics) >= {"top1", "top5", "best_top1", "init", "run_id"} and metrics["init"] == "pretrained"
+    records = json.loads((folder / "m" / "ft_preds.json").read_text())  # per-image records of the last epoch
+    assert metrics["n_val"] == records["n_val"] == len(records["label"]) == 9
+    hits = sum(p == y for p, y in zip(records["pred"], records["label"]))
+    assert 100.0 * hits / records["n_val"] == pytest.approx(metrics["top1"])
     assert (folder / "p" / "pre.csv").read_text().splitlines()[0] == "epoch,train_loss"
     assert (folder / "p" / "ft.csv").read_text().startswith("epoch,train_loss,val_top1")
 

@@ -22,6 +22,8 @@ from mixmim.pipeline import load_params
 from mixmim.tracking import PRETRAIN_RUN_TAG
 from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
 from mixmim.transfer.stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
+from mixmim.records import read_records
+from mixmim.stats import coco_ap_from_records, miou_from_counts
 from mixmim.transfer.train import (
     DETECTOR_WEIGHTS, PER_CLASS_FILE, SEGMENTOR_WEIGHTS, DenseSchedule, build_dense_backbone, build_detector,
     build_segmentor, majority_class_baseline, train_detection, train_segmentation,
@@ -164,6 +166,9 @@ def test_stages_write_metrics_and_plots(roots, store, tmp_path):
     rows = read_csv(tmp_path / "p" / "coco.csv")
     assert len(rows) == 1 and {"epoch", "train_loss", "ap_box", "ap50_box"} <= set(rows[0])
     assert (tmp_path / "runs" / "coco" / DETECTOR_WEIGHTS).is_file()  # run dir relative to the params file
+    records = read_records(tmp_path / "m" / "coco_preds.json")  # per-image records reproduce the AP
+    assert records["n_val"] == metrics["n_val"] == len(records["box"]) == len(records["mask"])
+    assert coco_ap_from_records(records["box"]) == pytest.approx(metrics["ap_box"] or 0.0, abs=1e-9)
 
     init = tmp_path / "pre" / "pretrain.pt"  # a pretraining checkpoint of this suite, with its run reference
     init.parent.mkdir()
@@ -176,6 +181,9 @@ def test_stages_write_metrics_and_plots(roots, store, tmp_path):
     assert set(ADE20K_METRICS) <= set(metrics) and len(metrics["per_class_iou"]) == 8
     assert metrics["init"] == "pretrained"
     assert metrics["baseline_miou"] == pytest.approx(ade["baseline_miou"])
+    records = read_records(tmp_path / "m" / "ade20k_preds.json")
+    assert records["n_val"] == metrics["n_val"]
+    assert miou_from_counts(records["intersection"], records["union"]) == pytest.approx(metrics["miou"], abs=1e-12)
     rows = read_csv(tmp_path / "p" / "ade20k.csv")
     assert [r["step"] for r in rows] == ["2"] and rows[0]["miou"]
 

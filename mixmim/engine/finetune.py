@@ -116,12 +116,21 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, info: DistInfo, precision: str) -> dict[str, float]:
-    """Top-1, top-5 (top-k for fewer classes) and cross-entropy on the validation split, over all ranks."""
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, info: DistInfo, precision: str,
+             records: bool = False) -> dict[str, Any]:
+    """Top-1, top-5 (top-k for fewer classes) and cross-entropy on the validation split, over all ranks.
+
+    With ``records`` the result also holds ``val_labels`` and ``val_preds``: every validation
+    image's label and top-1 prediction in validation-set order (gathered from all ranks; the
+    loader's sampler must list each rank's indices, as :class:`ShardSampler` does).
+    """
     was_training = model.training
     model.eval()
     dtype = autocast_dtype(precision, info.device)
     sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    order = list(loader.sampler) if records else []
+    rank_labels: list[torch.Tensor] = []
+    rank_preds: list[torch.Tensor] = []
     for imgs, labels, _ in loader:
         imgs, labels = imgs.to(info.device), labels.to(info.device)
         with torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -130,14 +139,28 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, info: DistIn
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(labels[:, None])
+        if records:
+            rank_labels.append(labels.cpu())
+            rank_preds.append(top[:, 0].cpu())
         sums += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
                               nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
                              dtype=torch.float64)
     total = all_reduce_sum(sums, info).cpu()
     model.train(was_training)
     n = max(total[3].item(), 1.0)
-    return {"val_top1": 100.0 * total[0].item() / n, "val_top5": 100.0 * total[1].item() / n,
-            "val_loss": total[2].item() / n}
+    result: dict[str, Any] = {"val_top1": 100.0 * total[0].item() / n, "val_top5": 100.0 * total[1].item() / n,
+                              "val_loss": total[2].item() / n}
+    if records:
+        # each rank fills its own indices (value + 1; 0 = another rank's), summed over ranks
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        table = torch.zeros(2, size, dtype=torch.int64)
+        index = torch.tensor(order, dtype=torch.int64)
+        if rank_labels:
+            table[0, index] = torch.cat(rank_labels).to(torch.int64) + 1
+            table[1, index] = torch.cat(rank_preds).to(torch.int64) + 1
+        table = all_reduce_sum(table, info).cpu() - 1
+        result.update(val_labels=table[0].tolist(), val_preds=table[1].tolist())
+    return result
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -208,7 +231,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
                               evaluate=lambda m: evaluate(m, val_loader, info, cfg.precision))
             history = loop.run()
-            final = evaluate(model, val_loader, info, cfg.precision)
+            final = evaluate(model, val_loader, info, cfg.precision, records=True)
             result = {"top1": final["val_top1"], "top5": final["val_top5"], "val_loss": final["val_loss"],
                       "best_top1": max([h["val_top1"] for h in history] + [final["val_top1"]])}
             tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=history[-1]["step"] if history else 0)
@@ -216,6 +239,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": f"mixmim_{stage}"},
                             out / FINETUNE_WEIGHTS)
                 write_run_ref(out / RUN_REF, tracker)
-            return {"history": history, **result, "run_id": tracker.run_id}
+            # the reported epoch is the last one; its per-image records back the report's intervals
+            return {"history": history, **result, "run_id": tracker.run_id, "n_val": len(val_set),
+                    "val_labels": final["val_labels"], "val_preds": final["val_preds"]}
     finally:
         cleanup(info)

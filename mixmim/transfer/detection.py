@@ -203,28 +203,43 @@ def detections_to_coco(
     return bbox, segm
 
 
-def _coco_eval(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, image_ids: Sequence[int]) -> list[float]:
+def _coco_eval(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, image_ids: Sequence[int],
+               records: list[dict[str, Any]] | None = None) -> list[float]:
+    """COCOeval's 12 stats; with ``records`` (a list) also the per-image match records
+    (:func:`mixmim.records.coco_match_records`) appended to it, images in ``sorted(image_ids)`` order."""
+    from ..records import coco_gt_records, coco_match_records
+
+    ids = sorted(image_ids)
     if not results:
+        if records is not None:
+            records.extend(coco_gt_records(coco_gt, ids))
         return [0.0] * 12
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.params.imgIds = ids
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    if records is not None:
+        records.extend(coco_match_records(evaluator, ids))
     return [float(v) for v in evaluator.stats]
 
 
 def coco_evaluate_results(
     coco_gt: COCO, bbox_results: list[dict[str, Any]], segm_results: list[dict[str, Any]],
-    image_ids: Iterable[int] | None = None,
+    image_ids: Iterable[int] | None = None, records: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """COCOeval on the given images: ``AP_box``, ``AP50_box``, ``AP75_box``, ``APs/m/l_box`` and
-    the same with ``_mask``, as fractions (an empty result list scores 0)."""
+    the same with ``_mask``, as fractions (an empty result list scores 0). A ``records`` dict
+    receives the per-image match records under ``box`` and ``mask`` (for the report's bootstrap)."""
     ids = sorted(set(image_ids) if image_ids is not None else coco_gt.getImgIds())
-    metrics = coco_stats_dict(_coco_eval(coco_gt, bbox_results, "bbox", ids), "box")
-    metrics.update(coco_stats_dict(_coco_eval(coco_gt, segm_results, "segm", ids), "mask"))
+    box: list[dict[str, Any]] | None = [] if records is not None else None
+    mask: list[dict[str, Any]] | None = [] if records is not None else None
+    metrics = coco_stats_dict(_coco_eval(coco_gt, bbox_results, "bbox", ids, box), "box")
+    metrics.update(coco_stats_dict(_coco_eval(coco_gt, segm_results, "segm", ids, mask), "mask"))
+    if records is not None:
+        records.update(box=box, mask=mask)
     return metrics
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..engine.config import from_mapping
 from ..pipeline import Params, merged, tracking_fields, write_metrics, write_plot_csv
+from ..records import records_path, write_detection_records, write_segmentation_records
 from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
 
 __all__ = ["coco_stage", "ade20k_stage", "COCO_METRICS", "ADE20K_METRICS"]
@@ -59,8 +60,12 @@ def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str 
     cfg = _config(DetectionConfig, params, sections, "coco", variant, "coco", init, run_dir)
     result = train_detection(cfg)
     write_plot_csv(plots_path, _plot_rows(result["history"], COCO_METRICS))
+    per_image = result["records"]  # the last epoch's per-image match records: the report's bootstrap
+    write_detection_records(records_path(metrics_path), per_image["box"], per_image["mask"])
     write_metrics(metrics_path, {**{k: _number(result[k]) for k in COCO_METRICS},
-                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"]})
+                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
+                                 "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
+                                 "img_size": cfg.img_size, "seed": cfg.seed})
     return result
 
 
@@ -72,7 +77,12 @@ def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: st
     cfg = _config(SegmentationConfig, params, sections, "ade20k", variant, "ade20k", init, run_dir)
     result = train_segmentation(cfg)
     write_plot_csv(plots_path, _plot_rows(result["history"], ("miou", "pixel_acc", "macc")))
+    per_image = result["records"]  # the last iteration's per-image intersection/union counts
+    write_segmentation_records(records_path(metrics_path), per_image["intersection"], per_image["union"],
+                               per_image["classes"])
     write_metrics(metrics_path, {**{k: _number(result[k]) for k in ADE20K_METRICS},
                                  "per_class_iou": {k: _number(v) for k, v in result["per_class_iou"].items()},
-                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"]})
+                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
+                                 "n_val": result["n_val"], "model": cfg.model, "max_iters": cfg.max_iters,
+                                 "img_size": cfg.img_size, "seed": cfg.seed})
     return result

@@ -304,8 +304,12 @@ def _autocast(precision: str, device: torch.device) -> Any:
 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, dataset: CocoInstanceDataset, info: DistInfo, precision: str = "fp32",
-                       batch_size: int = 1, max_images: int | None = None) -> dict[str, float]:
-    """COCO box / mask AP of ``model`` on ``dataset`` (untransformed), as fractions; every rank gets them."""
+                       batch_size: int = 1, max_images: int | None = None, records: bool = False) -> dict[str, Any]:
+    """COCO box / mask AP of ``model`` on ``dataset`` (untransformed), as fractions; every rank gets them.
+
+    With ``records`` the result also holds ``records``: per-image match records for box and
+    mask (:func:`mixmim.records.coco_match_records`), images in ascending id order.
+    """
     was_training = model.training
     model.eval()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -330,8 +334,11 @@ def evaluate_detection(model: nn.Module, dataset: CocoInstanceDataset, info: Dis
         all_bbox = [r for part in gathered for r in part[0]]
         all_segm = [r for part in gathered for r in part[1]]
         all_ids = [i for part in gathered for i in part[2]]
-        raw = coco_evaluate_results(dataset.coco, all_bbox, all_segm, all_ids)
+        per_image: dict[str, Any] | None = {} if records else None
+        raw = coco_evaluate_results(dataset.coco, all_bbox, all_segm, all_ids, records=per_image)
         metrics = {name: raw[key] for name, key in COCO_KEYS.items()}
+        if per_image is not None:
+            metrics["records"] = per_image
     model.train(was_training)
     return _broadcast(metrics, info)
 
@@ -350,21 +357,34 @@ def _predict_segmentation(model: nn.Module, image: Tensor, size: tuple[int, int]
 
 @torch.no_grad()
 def evaluate_ade20k(model: UperNetSegmentor, dataset: ADE20KDataset, cfg: SegmentationConfig, info: DistInfo,
-                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """mIoU, pixel accuracy, mean class accuracy and per-class IoU over the split (one confusion matrix)."""
+                    class_names: Sequence[str] | None = None, records: bool = False) -> dict[str, Any]:
+    """mIoU, pixel accuracy, mean class accuracy and per-class IoU over the split (one confusion matrix).
+
+    With ``records`` the result also holds ``intersection`` and ``union``: per image (split
+    order) and class, the pixel counts whose sums over the split give the IoUs.
+    """
+    from ..records import segmentation_counts
+
     was_training = model.training
     model.eval()
     k = model.num_classes
     count = len(dataset) if cfg.eval_max_images is None else min(cfg.eval_max_images, len(dataset))
     confusion = torch.zeros(k, k, dtype=torch.int64)
+    counts: dict[int, tuple[list[int], list[int]]] = {}
     for i in _shard(count, info):
         image, label = dataset[i]
         pred = _predict_segmentation(model, image, tuple(label.shape), cfg, k, info.device)
         confusion += confusion_matrix(pred, label, k, model.ignore_index)
+        if records:
+            counts[i] = segmentation_counts(pred.numpy(), label.numpy(), k, model.ignore_index)
     confusion = all_reduce_sum(confusion, info).cpu()
     model.train(was_training)
     scores = segmentation_scores(confusion, class_names)
     scores["num_images"] = count
+    if records:
+        merged = {i: c for part in _gather(counts, info) for i, c in part.items()}
+        scores["intersection"] = [merged[i][0] for i in range(count)]
+        scores["union"] = [merged[i][1] for i in range(count)]
     return scores
 
 
@@ -540,7 +560,9 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
                               tracker, evaluate_record)
             history = loop.run()
-            final = evaluate(model)
+            final = evaluate_detection(model, val_set, info, cfg.precision, cfg.eval_batch_size, cfg.eval_max_images,
+                                       records=True)
+            per_image = final.pop("records", None)  # the last epoch's per-image match records (main rank)
             step = history[-1]["step"] if history else 0
             tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
             if history:
@@ -549,7 +571,8 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
                 save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_coco_mask_rcnn",
                              "num_classes": train_set.num_classes}, out / DETECTOR_WEIGHTS)
                 write_run_ref(out / RUN_REF, tracker)
-            return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS)}
+            return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS),
+                    "records": per_image, "n_val": len(per_image["box"]) if per_image else None}
     finally:
         cleanup(info)
 
@@ -603,7 +626,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
                               tracker, evaluate)
             history = loop.run()
-            scores = evaluate_ade20k(model, val_set, cfg, info, class_names)
+            scores = evaluate_ade20k(model, val_set, cfg, info, class_names, records=True)
             baseline = None
             if info.is_main:
                 baseline = majority_class_baseline(label_histogram(train_set, num_classes, cfg.num_workers),
@@ -624,6 +647,8 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                              "num_classes": num_classes, "class_names": class_names}, out / SEGMENTOR_WEIGHTS)
                 write_run_ref(out / RUN_REF, tracker)
             return {"history": history, **final, "per_class_iou": scores["IoU"], "majority_class": baseline["class"],
-                    "run_id": tracker.run_id, "weights": str(out / SEGMENTOR_WEIGHTS)}
+                    "run_id": tracker.run_id, "weights": str(out / SEGMENTOR_WEIGHTS), "n_val": scores["num_images"],
+                    "records": {"intersection": scores["intersection"], "union": scores["union"],
+                                "classes": list(class_names)}}
     finally:
         cleanup(info)
