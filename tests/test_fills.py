@@ -119,3 +119,19 @@ def test_decoder_without_mask_token_refuses_a_mask():
     model = build(fill="zero")
     with pytest.raises(ValueError, match="without a mask token"):
         model.decoder(torch.randn(1, 4, model.encoder.num_features), MASK, False)
+
+
+def test_every_ablation_variant_builds_under_the_fill_rules():
+    """The shipped Table 6-10 variants are combinations the model accepts, and the fill variants
+    really encode one image whole (no group restriction) and decode every cell."""
+    from pathlib import Path
+
+    from mixmim.engine.config import PretrainConfig, from_mapping
+    from mixmim.engine.pretrain import build_model
+    from mixmim.pipeline import load_params, merged
+
+    params = load_params(Path(__file__).resolve().parents[1] / "pipelines" / "ablations" / "params.yaml")
+    for name in params.section("variants"):
+        model = build_model(from_mapping(PretrainConfig, merged(params, ["pretrain", f"variants.{name}"])))
+        if model.fill != "mix":
+            assert (model.unmix, model.dual, model.decoder.mask_token) == ("none", False, None), name

@@ -78,6 +78,12 @@ class PretrainConfig(RuntimeConfig):
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    knn_every: int = 0  # online k-NN (mixmim.probes) every N epochs on the dataset's train/val split; 0: off
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_train: int | None = None  # cap on the k-NN memory bank (a seeded subset of the train split)
+    knn_dataset: str | None = None  # labelled dataset of the online k-NN; default: the pretraining dataset
+    knn_data_root: str = ""  # its root (a pipeline stage fills it from roots.<knn_dataset>); default: data_root
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .runner import (
 
 PRETRAIN_WEIGHTS = "pretrain.pt"
 RUN_REF = "mlflow_run.json"
+BASELINE_IMAGES = 2048  # training images (a seeded subset when there are more) behind mean_loss_baseline
 
 
 #: ``unmix`` -> the timm adapters' group restriction (issue 6); other values have no adapter form.
@@ -77,6 +78,39 @@ def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def mean_loss_baseline(dataset: Any, cell: int, norm_pix: bool, limit: int = BASELINE_IMAGES, seed: int = 0,
+                       batch_size: int = 64) -> float:
+    """The predict-the-mean loss (:func:`~mixmim.models.pretrain.mean_colour_loss`) averaged over
+    training images as the pretraining sees them (``dataset`` items are ``(image, ...)``)."""
+    from ..models.pretrain import mean_colour_loss
+    from ..probes import subset_indices
+
+    indices = subset_indices(len(dataset), limit, seed)
+    total = 0.0
+    for start in range(0, len(indices), batch_size):
+        imgs = torch.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+        total += float(mean_colour_loss(imgs, cell, norm_pix).sum())
+    return total / len(indices)
+
+
+def online_knn(cfg: PretrainConfig, img_size: int, device: torch.device) -> Any:
+    """The k-NN hook (:class:`mixmim.probes.OnlineKNN`) on the train/val splits of ``knn_dataset`` (default:
+    the pretraining dataset), or None when ``knn_every`` is 0."""
+    if cfg.knn_every < 0:
+        raise ValueError(f"knn_every={cfg.knn_every}; expected 0 (off) or a positive number of epochs")
+    if cfg.knn_every == 0:
+        return None
+    from ..probes import OnlineKNN, eval_transform
+
+    tf = eval_transform(img_size)
+    name, root = cfg.knn_dataset or cfg.dataset, cfg.knn_data_root or cfg.data_root
+    return OnlineKNN(classification_split(name, root, "train", tf, cfg.skip_bad_images),
+                     classification_split(name, root, "val", tf, cfg.skip_bad_images),
+                     cfg.knn_every, cfg.epochs, cfg.knn_k, cfg.knn_temperature, cfg.batch_size, device,
+                     cfg.knn_max_train, cfg.seed)
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining; returns the epoch history and the run id."""
     info = init_distributed(cfg.device)
@@ -100,6 +134,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         def loss_fn(m: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
             return m(batch[0]).loss  # labels are not used
 
+        knn = online_knn(cfg, img_size, info.device)
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            # labels only here, for the k-NN probe; the epoch is the one the loop is closing
+            return knn(m, len(loop.history) + 1) if info.is_main else {}
+
         tags = {"mixmim.stage": "pretrain", "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset}
         with open_tracker(cfg, info, "pretrain", tags) as tracker:
             derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
@@ -108,14 +148,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                              data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs)
+                              data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
+                              evaluate=evaluate if knn is not None else None)
             history = loop.run()
+            extra: dict[str, Any] = {"mask_cells": int(model.num_cells)}
             if info.is_main:
+                extra["mean_loss_baseline"] = mean_loss_baseline(data.dataset, model.stride, cfg.norm_pix_loss,
+                                                                 seed=cfg.seed)
+                tracker.log_metrics({f"final/{k}": v for k, v in extra.items()},
+                                    step=history[-1]["step"] if history else 0)
                 save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_pretrain"},
                             out / PRETRAIN_WEIGHTS)
                 write_run_ref(out / RUN_REF, tracker)
                 if history:
                     tracker.log_metrics({"final/train_loss": history[-1]["train_loss"]}, step=history[-1]["step"])
-            return {"history": history, "run_id": tracker.run_id, "weights": str(out / PRETRAIN_WEIGHTS)}
+            return {"history": history, "run_id": tracker.run_id, "weights": str(out / PRETRAIN_WEIGHTS), **extra}
     finally:
         cleanup(info)

@@ -138,6 +138,21 @@ def reconstruction_loss(imgs: Tensor, pred: Tensor, mask: Tensor, cell: int, dua
     return (per_cell * m).sum() / (m.sum() * b).clamp(min=1.0)
 
 
+def mean_colour_loss(imgs: Tensor, cell: int, norm_pix: bool = True) -> Tensor:
+    """Per-image loss (B,) of the predict-the-mean baseline, in the units of :func:`reconstruction_loss`.
+
+    Every target cell is predicted by its own mean colour (one value per channel, i.e. a
+    flat cell); the squared error is averaged over every cell of the image, which is the
+    expected error over the masked cells of a uniformly random mask. A reconstruction
+    loss at this level means the model has learnt each cell's average colour and nothing
+    of its structure.
+    """
+    target = pixel_targets(imgs, cell, norm_pix).float()
+    b, num, _ = target.shape
+    pixels = target.reshape(b, num, cell * cell, imgs.shape[1])
+    return ((pixels - pixels.mean(dim=2, keepdim=True)) ** 2).mean(dim=(1, 2, 3))
+
+
 class MixMIMDecoder(nn.Module):
     """Linear projection to the decoder width, mask-token filling, ViT blocks, pixel head."""
 
