@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .io import atomic_write
 
 # Buffers of the original implementation that this suite recomputes from the
 # architecture (fixed sin-cos tables and index tables), so they are dropped.
@@ -161,16 +162,4 @@ def load_file(path: str | os.PathLike[str], map_location: str | torch.device = "
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     """torch.save to a temporary file in the target's folder, fsync, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)

@@ -1,24 +1,37 @@
-"""Glue between DVC stages and the engines.
+"""The stage layer: what every DVC stage script calls (stages/*.py are argument parsing only).
 
-A stage script names its params.yaml sections; this module turns them into a checked
-engine config (an unknown key or a wrong type fails before any work, naming the key),
-adds the tracking layout (experiment per pipeline, run ``<stage>/<variant>``, tags for
-stage, pipeline, variant, dataset, scale, git commit and the stage's DVC params, and the
-pipeline invocation's parent run from ``MIXMIM_PARENT_RUN_ID``), runs the engine and
-writes the stage's metrics JSON and plot CSV atomically.
+One stage run, for every kind of stage (pretraining, finetuning / scratch, COCO, ADE20K):
 
-Relative paths in a params file (dataset roots, ``sqlite:///`` tracking stores) are
-relative to that file's folder, which is also where DVC runs the stage.
+1. :func:`load_params` reads the pipeline's params file (the only params loader);
+2. the named sections are merged (later ones override) and the values the stage itself owns
+   (dataset root, output folder, seed, init, tracking layout) are added *before* the engine
+   config is built, so :func:`~mixmim.engine.config.from_mapping` checks all of them at once:
+   an unknown key or a wrong type fails before any work, naming the key;
+3. the run is filed in MLflow as ``<stage>/<variant>/s<seed>`` under a per-variant group run
+   (``<stage>/<variant>``; its children are the seeds), tagged with the seed, the pipeline,
+   the pipeline invocation (``MIXMIM_PARENT_RUN_ID``) and the DVC experiment, if any;
+4. the engine runs and the stage writes its metrics JSON and plot CSV through :mod:`mixmim.io`.
+
+:func:`stage_main` turns a user's mistake (an unknown key, a missing dataset root, a corrupt
+image, an unreachable tracking store) into one line on stderr and exit status 2; a traceback
+is left for bugs.
+
+Relative paths in a params file (dataset roots, ``sqlite:///`` tracking stores) are relative
+to that file's folder, which is also where DVC runs the stage. A SQLite store inside a DVC
+experiment workspace (``dvc exp run --temp`` / ``--queue`` copy the project to
+``.dvc/tmp/exps/...``) resolves to the project's own store, and ``MIXMIM_TRACKING_URI``
+overrides every pipeline's store (e.g. a tracking server).
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import argparse
 import json
+import math
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,9 +39,20 @@ from typing import Any
 import yaml
 
 from .engine.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping
+from .io import write_csv_atomic, write_json_atomic
 
 PARENT_RUN_ENV = "MIXMIM_PARENT_RUN_ID"
+TRACKING_URI_ENV = "MIXMIM_TRACKING_URI"
 STANDARD_DATASETS = ("imagenet", "inat2018", "inat2019", "places205", "places365", "coco", "ade20k")
+
+#: Config keys the stage layer sets from the command line and the params file's other sections;
+#: a stage's own section may not set them (the value would be silently replaced).
+STAGE_KEYS = ("data_root", "output_dir", "tracking_uri", "experiment", "run_name", "parent_run_id", "tags")
+GROUP_STAGE = "group"  # mixmim.stage of the per-variant group runs (the seeds are their children)
+
+
+class DatasetRootError(FileNotFoundError, ValueError):
+    """A dataset root named in ``roots`` does not exist."""
 
 
 @dataclass
@@ -77,29 +101,44 @@ class Params:
         return str(path if path.is_absolute() else (self.folder / path).resolve())
 
     def resolve_uri(self, uri: str) -> str:
+        """``sqlite:///rel.db`` made absolute (relative to this file; inside a DVC experiment
+        workspace, to the same place in the project); other URIs unchanged."""
+        from .tracking import project_path
+
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-            return prefix + self.resolve_path(uri[len(prefix):])
+            rest, sep, query = uri[len(prefix):].partition("?")
+            return prefix + str(project_path(Path(self.resolve_path(rest)))) + sep + query
         return uri
 
     def tracking(self) -> TrackingParams:
         return from_mapping(TrackingParams, self.section("tracking"), where=f"{self.path}: tracking")
 
+    def tracking_uri(self) -> str:
+        """The store this pipeline's runs go to: ``$MIXMIM_TRACKING_URI``, else ``tracking.uri``."""
+        return os.environ.get(TRACKING_URI_ENV, "").strip() or self.resolve_uri(self.tracking().uri)
+
     def dataset_root(self, name: str) -> str:
+        """The absolute root of dataset ``name``; it must exist."""
         root = self.get(f"roots.{name}")
         if not isinstance(root, str) or not root:
             raise ConfigError(f"{self.path}: roots.{name}={root!r}; expected the path of the {name} dataset")
-        return self.resolve_path(root)
+        resolved = self.resolve_path(root)
+        if not Path(resolved).exists():
+            raise DatasetRootError(f"{self.path}: roots.{name}={root!r}: {resolved} does not exist; expected the "
+                                   f"{name} dataset in its official layout (see README, 'Pointing at real data')")
+        return resolved
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """The one params loader of every stage (and of ``mixmim pipeline``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return Params(dict(data), path)
@@ -114,19 +153,25 @@ def merged(params: Params, sections: Sequence[str]) -> dict[str, Any]:
 
 
 def tracking_fields(params: Params, stage: str, variant: str, dataset: str, model: str,
-                    stage_params: Mapping[str, Any]) -> dict[str, Any]:
+                    stage_params: Mapping[str, Any], seed: int | None = None) -> dict[str, Any]:
     """Engine config fields that place the run in the pipeline's tracking layout."""
     t = params.tracking()
-    dvc_params = json.dumps(stage_params, sort_keys=True, default=str)
-    return {
-        "tracking_uri": params.resolve_uri(t.uri),
-        "experiment": t.experiment,
-        "run_name": f"{stage}/{variant}",
-        "parent_run_id": os.environ.get(PARENT_RUN_ENV) or None,
-        "tags": {"mixmim.pipeline": t.pipeline, "mixmim.stage": stage, "mixmim.variant": variant,
-                 "mixmim.dataset": dataset, "mixmim.model": model, "mixmim.scale": t.scale,
-                 "mixmim.dvc_params": dvc_params[:5000]},
-    }
+    dvc_params = json.dumps(dict(stage_params), sort_keys=True, default=str)
+    tags = {"mixmim.pipeline": t.pipeline, "mixmim.stage": stage, "mixmim.variant": variant,
+            "mixmim.dataset": dataset, "mixmim.model": model, "mixmim.scale": t.scale,
+            "mixmim.dvc_params": dvc_params[:5000]}
+    invocation = os.environ.get(PARENT_RUN_ENV)
+    if invocation:
+        tags["mixmim.invocation"] = invocation
+    for env, tag in (("DVC_EXP_NAME", "mixmim.dvc_exp"), ("DVC_STAGE", "mixmim.dvc_stage")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    name = f"{stage}/{variant}"
+    if seed is not None:
+        tags["mixmim.seed"] = str(seed)
+        name += f"/s{seed}"
+    return {"tracking_uri": params.tracking_uri(), "experiment": t.experiment, "run_name": name,
+            "parent_run_id": None, "tags": tags}
 
 
 def is_main_process() -> bool:
@@ -135,79 +180,114 @@ def is_main_process() -> bool:
 
 
 # --------------------------------------------------------------------------- outputs
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
-    return write_text_atomic(path, json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    return write_json_atomic(path, dict(metrics))
 
 
 def write_plot_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
     """One row per epoch; the columns are the union of the rows' keys in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text_atomic(path, buf.getvalue())
+    return write_csv_atomic(path, rows)
+
+
+# --------------------------------------------------------------------------- checked configs
+def _stage_seed(stage_params: Mapping[str, Any], seed: int | None, where: str) -> int:
+    """The run's seed: the pipeline's (``--seed``, from its ``seeds`` list), else the section's, else 0."""
+    if seed is None:
+        return stage_params.get("seed", 0)
+    if "seed" in stage_params and stage_params["seed"] != seed:
+        raise ConfigError(f"{where}: seed={stage_params['seed']!r} in the section, but the pipeline runs seed "
+                          f"{seed} (its `seeds` list); remove seed from the section")
+    return seed
+
+
+def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str, variant: str, dataset: str,
+                 run_dir: str, seed: int | None, owned: Mapping[str, Any] | None = None,
+                 from_section: Sequence[str] = ()) -> Any:
+    """The engine config of one stage run, checked as a whole.
+
+    ``owned`` holds the values the stage sets itself (dataset, init; ``from_section`` names those
+    already derived from the section's own value, which are then allowed there); with the dataset root,
+    output folder, seed and tracking layout they join the sections' values before
+    :func:`from_mapping` sees them. The per-variant group run is created only after that
+    check passed (a malformed section leaves the store untouched), and the config is built
+    again, checked again, with the group as its MLflow parent.
+    """
+    stage_params = merged(params, sections)
+    where = f"{params.path}: {' + '.join(sections)}"
+    taken = sorted(set(stage_params) & ((set(STAGE_KEYS) | set(owned or {})) - set(from_section)))
+    if taken:
+        raise ConfigError(f"{where}: {taken[0]!r} is set by the stage (command line and params file layout); "
+                          "remove it from the section")
+    seed = _stage_seed(stage_params, seed, where)
+    model = stage_params.get("model", "")
+    values = {**stage_params, **(owned or {}), "seed": seed, "output_dir": params.resolve_path(run_dir),
+              **tracking_fields(params, stage, variant, dataset, str(model), stage_params, seed)}
+    cfg = from_mapping(cls, values, where=where)
+    _check_dense(cfg, where)
+    values["data_root"] = params.dataset_root(dataset)
+    parent = _group_run(params, stage, variant, dataset, str(model))
+    cfg = from_mapping(cls, {**values, "parent_run_id": parent}, where=where)
+    _check_dense(cfg, where)
+    return cfg
+
+
+def _check_dense(cfg: Any, where: str) -> None:
+    from .transfer.config import DenseConfig, check_config
+
+    if isinstance(cfg, DenseConfig):
+        check_config(cfg, where)
+
+
+def _group_run(params: Params, stage: str, variant: str, dataset: str, model: str) -> str | None:
+    """The MLflow group run of (pipeline, stage, variant); its children are the seeds' runs."""
+    if not is_main_process():
+        return None
+    from .tracking import check_tracking_uri, ensure_group_run
+
+    t = params.tracking()
+    uri = params.tracking_uri()
+    check_tracking_uri(uri)
+    tags = {"mixmim.pipeline": t.pipeline, "mixmim.stage": GROUP_STAGE, "mixmim.group_stage": stage,
+            "mixmim.variant": variant, "mixmim.dataset": dataset, "mixmim.model": model, "mixmim.scale": t.scale}
+    return ensure_group_run(uri, t.experiment, f"{stage}/{variant}", f"{t.pipeline}/{stage}/{variant}", tags)
 
 
 # --------------------------------------------------------------------------- stages
 def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_dir: str, metrics_path: str,
-                   plots_path: str) -> dict[str, Any]:
-    """Pretrain on the section's dataset (root from ``roots``) and write metrics and curves."""
+                   plots_path: str, seed: int | None = None) -> dict[str, Any]:
+    """Pretrain on the section's dataset (root from ``roots``) and write metrics and curves.
+
+    The weights (``<run_dir>/pretrain.pt``) and their run reference (``mlflow_run.json``) are
+    what later stages read; the resume state (``checkpoint-last.pt``) stays beside them."""
     from .engine.pretrain import pretrain
 
-    stage_params = merged(params, sections)
-    cfg = from_mapping(PretrainConfig, stage_params, where=f"{params.path}: {' + '.join(sections)}")
-    cfg.data_root = params.dataset_root(cfg.dataset)
-    cfg.output_dir = params.resolve_path(run_dir)
-    for key, value in tracking_fields(params, "pretrain", variant, cfg.dataset, cfg.model, stage_params).items():
-        setattr(cfg, key, value)
+    dataset = merged(params, sections).get("dataset", "imagenet")
+    cfg = stage_config(PretrainConfig, params, sections, "pretrain", variant, str(dataset), run_dir, seed)
     result = pretrain(cfg)
     if not is_main_process():
         return result
     history = result["history"]
-    write_plot_csv(plots_path, [{"epoch": h["epoch"], "train_loss": h["train_loss"]} for h in history])
+    write_plot_csv(plots_path, [{k: h[k] for k in ("epoch", "train_loss", "knn_top1") if k in h} for h in history])
+    extra = {k: result[k] for k in ("mask_cells", "mean_loss_baseline") if k in result}
     write_metrics(metrics_path, {"train_loss": history[-1]["train_loss"], "epochs": len(history),
-                                 "steps": history[-1]["step"], "run_id": result["run_id"]})
+                                 "steps": history[-1]["step"], "run_id": result["run_id"], "seed": cfg.seed, **extra})
     return result
 
 
 def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant: str, dataset: str,
-                   init: str | None, run_dir: str, metrics_path: str, plots_path: str) -> dict[str, Any]:
+                   init: str | None, run_dir: str, metrics_path: str, plots_path: str,
+                   seed: int | None = None) -> dict[str, Any]:
     """Finetune (or train from scratch when ``init`` is None) and write metrics and curves."""
-    from .engine.finetune import finetune
+    from .engine.finetune import finetune, input_size
+    from .records import records_path, write_classification_records
 
-    stage_params = merged(params, sections)
-    cfg = from_mapping(FinetuneConfig, stage_params, where=f"{params.path}: {' + '.join(sections)}")
-    cfg.dataset = dataset
-    cfg.data_root = params.dataset_root(dataset)
-    cfg.init = params.resolve_path(init) if init else None
-    cfg.output_dir = params.resolve_path(run_dir)
-    for key, value in tracking_fields(params, stage, variant, dataset, cfg.model, stage_params).items():
-        setattr(cfg, key, value)
+    owned = {"dataset": dataset, "init": params.resolve_path(init) if init else None}
+    cfg = stage_config(FinetuneConfig, params, sections, stage, variant, dataset, run_dir, seed, owned)
     result = finetune(cfg)
     if not is_main_process():
         return result
     keys = ("epoch", "train_loss", "val_top1", "val_top5", "val_loss")
     write_plot_csv(plots_path, [{k: h[k] for k in keys if k in h} for h in result["history"]])
-    from .engine.finetune import input_size
-    from .records import records_path, write_classification_records
-
     # the reported numbers are the last epoch's; the per-image records beside them back the report's intervals
     write_classification_records(records_path(metrics_path), result["val_labels"], result["val_preds"])
     write_metrics(metrics_path, {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"],
@@ -217,16 +297,140 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
     return result
 
 
+COCO_METRICS = ("ap_box", "ap_mask", "ap50_box", "ap75_box", "ap50_mask", "ap75_mask")
+ADE20K_METRICS = ("miou", "pixel_acc", "macc", "baseline_miou", "baseline_pixel_acc")
+
+
+def _number(value: Any) -> Any:
+    """Metrics JSON holds numbers or null (a NaN score means "no ground truth")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _dense_config(cls: type, params: Params, sections: Sequence[str], stage: str, variant: str,
+                  init: str | None, run_dir: str, seed: int | None) -> Any:
+    """A dense-transfer config: ``init`` from the command line, else the section's (resolved), else none."""
+    chosen = init or merged(params, sections).get("init")
+    if chosen is not None and not isinstance(chosen, str):
+        raise ConfigError(f"{params.path}: init={chosen!r}: expected the path of a checkpoint")
+    owned = {"init": params.resolve_path(chosen) if chosen else None}
+    return stage_config(cls, params, sections, stage, variant, stage, run_dir, seed, owned, from_section=("init",))
+
+
+def _plot_rows(history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    return [{k: h[k] for k in ("epoch", "step", "train_loss", "lr", *keys) if k in h} for h in history]
+
+
+def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str | None, run_dir: str,
+               metrics_path: str, plots_path: str, seed: int | None = None) -> dict[str, Any]:
+    """Mask R-CNN on the ``coco`` root from ``init`` (None: the section's init, else random) and its metrics."""
+    from .records import records_path, write_detection_records
+    from .transfer.config import DetectionConfig
+    from .transfer.train import train_detection
+
+    cfg = _dense_config(DetectionConfig, params, sections, "coco", variant, init, run_dir, seed)
+    result = train_detection(cfg)
+    if not is_main_process():
+        return result
+    write_plot_csv(plots_path, _plot_rows(result["history"], COCO_METRICS))
+    per_image = result["records"]  # the last epoch's per-image match records: the report's bootstrap
+    write_detection_records(records_path(metrics_path), per_image["box"], per_image["mask"])
+    write_metrics(metrics_path, {**{k: _number(result[k]) for k in COCO_METRICS},
+                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
+                                 "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
+                                 "img_size": cfg.img_size, "seed": cfg.seed})
+    return result
+
+
+def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: str | None, run_dir: str,
+                 metrics_path: str, plots_path: str, seed: int | None = None) -> dict[str, Any]:
+    """UperNet on the ``ade20k`` root from ``init`` and its metrics, with the majority-class baseline."""
+    from .records import records_path, write_segmentation_records
+    from .transfer.config import SegmentationConfig
+    from .transfer.train import train_segmentation
+
+    cfg = _dense_config(SegmentationConfig, params, sections, "ade20k", variant, init, run_dir, seed)
+    result = train_segmentation(cfg)
+    if not is_main_process():
+        return result
+    write_plot_csv(plots_path, _plot_rows(result["history"], ("miou", "pixel_acc", "macc")))
+    per_image = result["records"]  # the last iteration's per-image intersection/union counts
+    write_segmentation_records(records_path(metrics_path), per_image["intersection"], per_image["union"],
+                               per_image["classes"])
+    write_metrics(metrics_path, {**{k: _number(result[k]) for k in ADE20K_METRICS},
+                                 "per_class_iou": {k: _number(v) for k, v in result["per_class_iou"].items()},
+                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
+                                 "n_val": result["n_val"], "model": cfg.model, "max_iters": cfg.max_iters,
+                                 "img_size": cfg.img_size, "seed": cfg.seed})
+    return result
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
+# --------------------------------------------------------------------------- stage scripts
+def stage_parser(description: str | None, sections: Sequence[str] | None) -> argparse.ArgumentParser:
+    """The options every training stage script takes; scripts add their own (dataset, init, ...)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--sections", nargs="+", default=list(sections) if sections else None,
+                   required=sections is None, help="params sections, later ones override")
+    p.add_argument("--variant", default=None, help="run name suffix")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the run's seed (data order, masks, initialisation, augmentation); default: the section's or 0")
+    p.add_argument("--run-dir", required=True, help="checkpoints and weights (kept across kills to resume)")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--plots", required=True)
+    return p
+
+
+#: Exceptions that mean "the user's input is wrong" when mixmim's own code raised them.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A checked mistake in the user's input: a :class:`ConfigError`, an unusable tracking store, or a
+    ValueError / missing file raised deliberately by the suite's own checks (not by a library)."""
+    from .tracking import TrackingUnavailableError
+
+    if isinstance(err, (ConfigError, TrackingUnavailableError)):
+        return True
+    if not isinstance(err, _USER_ERRORS):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    raised_in = Path(frames[-1].filename).resolve()
+    return _PACKAGE_DIR in raised_in.parents
+
+
+def stage_main(name: str, run: Callable[[], Any]) -> int:
+    """Run a stage; a user's mistake ends it with one line naming the value and exit status 2,
+    an interruption with exit status 130. Anything else (a bug) keeps its traceback."""
+    try:
+        run()
+    except KeyboardInterrupt as err:
+        print(f"{name}: interrupted ({err or 'Ctrl-C'}); run the stage again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        message = " ".join(str(err).split())
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_under_parent(params_path: str | os.PathLike[str], command: Sequence[str]) -> int:
     """Run ``command`` (e.g. ``dvc repro pipelines/ablations/dvc.yaml``) inside one parent MLflow
-    run of the pipeline's experiment; every stage it starts files its run as a child.
+    run of the pipeline's experiment; every stage it starts tags its run with it.
 
     The parent is passed through ``MIXMIM_PARENT_RUN_ID`` rather than a DVC param, so one
-    invocation groups its runs without invalidating any stage.
+    invocation groups its runs without invalidating any stage. Opening it also closes the
+    runs of earlier invocations whose process died without closing them (SIGKILL).
     """
     import subprocess
 
@@ -234,7 +438,7 @@ def run_under_parent(params_path: str | os.PathLike[str], command: Sequence[str]
 
     params = load_params(params_path)
     t = params.tracking()
-    uri = params.resolve_uri(t.uri)
+    uri = params.tracking_uri()
     check_tracking_uri(uri)
     tags = {"mixmim.pipeline": t.pipeline, "mixmim.stage": "pipeline", "mixmim.scale": t.scale,
             "mixmim.command": " ".join(command)}

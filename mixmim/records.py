@@ -41,7 +41,7 @@ def records_path(metrics_path: str | os.PathLike[str]) -> Path:
 
 def write_records(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
     """Write one records file atomically (compact JSON, keys sorted, one line per top-level list)."""
-    from .pipeline import write_text_atomic
+    from .io import write_text_atomic
 
     if record.get("kind") not in KINDS:
         raise ValueError(f"records kind={record.get('kind')!r}: expected one of {KINDS}")

@@ -13,6 +13,12 @@ Training code talks to MLflow only through this module, for three reasons:
 Lineage between stages (pretraining -> finetuning -> dense transfer) is kept with a small
 JSON *run reference* written beside each checkpoint (:func:`write_run_ref`); the next
 stage reads it and tags its own run with :data:`PRETRAIN_RUN_TAG`.
+
+Lifecycle: a run ends ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (Ctrl-C,
+SIGTERM). A process killed outright (SIGKILL, OOM killer) cannot close its run, so every
+new run first marks the experiment's ``RUNNING`` runs of this host whose process is gone
+as ``KILLED`` (:func:`close_stale_runs`); a training run resumed from its checkpoint
+reopens the same MLflow run (``Tracker(resume_run_id=...)``), so its curve stays one.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import signal
+import socket
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -52,6 +61,13 @@ __all__ = [
     "run_ref_path",
     "lineage_tags",
     "is_rank_zero",
+    "close_stale_runs",
+    "project_path",
+    "ensure_group_run",
+    "EXPERIMENT_KIND",
+    "Terminated",
+    "client_uri",
+    "mark_training_experiments",
 ]
 
 #: Tag a finetuning / transfer run carries: the run id of the pretraining run it started from.
@@ -59,6 +75,20 @@ PRETRAIN_RUN_TAG = "mixmim.parent_pretrain_run"
 GIT_COMMIT_TAG = "mixmim.git_commit"
 GIT_DIRTY_TAG = "mixmim.git_dirty"
 ERROR_TAG = "mixmim.error"
+HOST_TAG = "mixmim.host"
+PID_TAG = "mixmim.pid"
+RESUMED_TAG = "mixmim.resumed"  # how many times the run was reopened after an interruption
+GROUP_KEY_TAG = "mixmim.group_key"
+
+#: ``mlflow.experimentKind``: MLflow 3's UI opens an experiment of this kind on its runs
+#: (training), not on the GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+#: SQLite waits this long for a lock held by another process (two queued DVC experiments
+#: logging at once) before it reports "database is locked"; on top, writes are retried.
+SQLITE_BUSY_TIMEOUT_S = 60
+_LOCK_RETRIES = 8
 
 # MLflow's own tag names (mlflow.utils.mlflow_tags); spelled out because they are part of
 # the UI's contract and importing them would load mlflow even for disabled trackers.
@@ -114,6 +144,32 @@ def resolve_tracking_uri(configured: str | None, root: Path | str | None = None)
     return from_env or default_tracking_uri(root)
 
 
+_DVC_EXPS = (".dvc", "tmp", "exps")
+
+
+def project_path(path: Path | str) -> Path:
+    """``path``, or where it lies in the project when it lies in a DVC experiment workspace.
+
+    ``dvc exp run --temp`` and queued experiments (``dvc exp run --queue``, ``dvc queue start``)
+    run the pipeline in a copy of the project below ``<project>/.dvc/tmp/exps/``. A path that
+    a params file gives relative to itself (the SQLite tracking store) would then name a file
+    in the throw-away copy; this maps it back to the same place in the project, so every
+    experiment logs to the project's store.
+    """
+    path = Path(path).absolute()
+    parts = path.parts
+    for i in range(len(parts) - len(_DVC_EXPS)):
+        if parts[i:i + len(_DVC_EXPS)] != _DVC_EXPS:
+            continue
+        project, exps = Path(*parts[:i]), Path(*parts[:i + len(_DVC_EXPS)])
+        workspace = path.parent
+        while workspace != exps and not (workspace / ".dvc").is_dir():
+            workspace = workspace.parent
+        if workspace != exps:
+            return project / path.relative_to(workspace)
+    return path
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Raise :class:`TrackingUnavailableError` unless ``uri`` looks usable.
 
@@ -133,6 +189,32 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             _check_writable_location(uri, db_path, expect="file")
     elif scheme == "file" or _is_plain_path(uri, scheme):
         _check_writable_location(uri, _local_store_path(uri), expect="dir")
+
+
+def client_uri(uri: str) -> str:
+    """The URI a client connects with: a SQLite store gets a busy timeout (``?timeout=``)
+    unless it names one, so concurrent writers wait for each other instead of failing."""
+    if urlparse(uri).scheme.lower() != "sqlite" or _sqlite_path(uri) is None or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_TIMEOUT_S}"
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=client_uri(uri))
+
+
+def _retry(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; retry with backoff while the store reports a lock held by another writer."""
+    for attempt in range(_LOCK_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - MlflowException or the driver's OperationalError
+            if "locked" not in str(err).lower() or attempt == _LOCK_RETRIES - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def _unavailable(uri: str, reason: str) -> TrackingUnavailableError:
@@ -349,6 +431,7 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
         enabled: bool = True,
+        resume_run_id: str | None = None,
     ) -> None:
         self.uri = uri
         self.experiment = experiment
@@ -356,9 +439,12 @@ class Tracker:
         self.enabled = enabled
         self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self._parent_run_id = parent_run_id
+        self._resume_run_id = resume_run_id
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
+        self._previous_sigterm: Any = None
+        self.resumed = False
 
     # -- properties
 
@@ -385,18 +471,59 @@ class Tracker:
             raise RuntimeError("a Tracker opens one run; create a new Tracker for another run")
         check_tracking_uri(self.uri)
         _prepare_local_store(self.uri)
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.uri)
+        client = _client(self.uri)
         self._experiment_id = _get_or_create_experiment(client, self.uri, self.experiment)
-        tags = {**_context_tags(), **self._tags}
+        close_stale_runs(self.uri, self.experiment, client=client)
+        tags = {**_context_tags(), **self._tags, **_process_tags()}
         if self._parent_run_id is not None:
             client.get_run(self._parent_run_id)  # a wrong parent id fails now, not in the UI later
             tags[_PARENT_RUN_ID_TAG] = self._parent_run_id
-        run = client.create_run(self._experiment_id, tags=tags, run_name=self.run_name)
-        self._run_id = run.info.run_id
+        run_id = self._reopen(client, tags)
+        if run_id is None:
+            run_id = _retry(client.create_run, self._experiment_id, tags=tags, run_name=self.run_name).info.run_id
+        self._run_id = run_id
         self._client = client
+        self._catch_sigterm()
         return self
+
+    def _reopen(self, client: MlflowClient, tags: Mapping[str, str]) -> str | None:
+        """Reopen ``resume_run_id`` (a run interrupted before it finished) as RUNNING; None when
+        there is no such run in this experiment, or it finished, or it was deleted."""
+        if not self._resume_run_id:
+            return None
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(self._resume_run_id)
+        except MlflowException:
+            return None
+        info = run.info
+        if (info.experiment_id != self._experiment_id or info.lifecycle_stage != "active"
+                or info.status == "FINISHED"):
+            return None
+        count = int(run.data.tags.get(RESUMED_TAG, "0") or 0) + 1
+        entries = [RunTag(k, v) for k, v in {**tags, RESUMED_TAG: str(count)}.items()]
+        for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
+            _retry(client.log_batch, info.run_id, tags=chunk)
+        _retry(client.update_run, info.run_id, status="RUNNING")
+        self.resumed = True
+        return info.run_id
+
+    def _catch_sigterm(self) -> None:
+        """SIGTERM (``kill``, a scheduler's preemption, ``dvc queue kill``) ends the run KILLED
+        like Ctrl-C does, instead of leaving it RUNNING; main thread only (Python's rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # pragma: no cover - not the main interpreter
+            self._previous_sigterm = None
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def __exit__(
         self,
@@ -405,13 +532,14 @@ class Tracker:
         tb: TracebackType | None,
     ) -> bool:
         client, self._client = self._client, None
+        self._restore_sigterm()
         if client is None or self._run_id is None:
             return False
         status = _final_status(exc_type)
         try:
             if exc is not None:
-                client.set_tag(self._run_id, ERROR_TAG, _truncate(f"{exc_type.__name__}: {exc}", 500))
-            client.set_terminated(self._run_id, status=status)
+                _retry(client.set_tag, self._run_id, ERROR_TAG, _truncate(f"{exc_type.__name__}: {exc}", 500))
+            _retry(client.set_terminated, self._run_id, status=status)
         except Exception as err:  # noqa: BLE001 - never mask the training error with a logging error
             if exc is None:
                 raise
@@ -429,8 +557,15 @@ class Tracker:
 
         limit = _mlflow_limit("MAX_PARAM_VAL_LENGTH", _FALLBACK_PARAM_VAL_LENGTH)
         entries = [Param(k, _truncate(v, limit)) for k, v in flatten_params(params).items()]
+        if self.resumed:  # MLflow params are write-once: keep the first value of the interrupted run
+            logged = client.get_run(self._run_id).data.params
+            changed = sorted(e.key for e in entries if e.key in logged and logged[e.key] != e.value)
+            if changed:
+                print(f"mixmim.tracking: resumed run {self._run_id} keeps its first value of {', '.join(changed)}",
+                      file=sys.stderr)
+            entries = [e for e in entries if e.key not in logged]
         for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
-            client.log_batch(self._run_id, params=chunk)
+            _retry(client.log_batch, self._run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log metric values at ``step`` (0 when None); None values are skipped, NaN/inf kept.
@@ -450,7 +585,7 @@ class Tracker:
             if value is not None
         ]
         for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
-            client.log_batch(self._run_id, metrics=chunk)
+            _retry(client.log_batch, self._run_id, metrics=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Add or overwrite run tags (values stringified and truncated to MLflow's limit)."""
@@ -462,7 +597,7 @@ class Tracker:
         limit = _mlflow_limit("MAX_TAG_VAL_LENGTH", _FALLBACK_TAG_VAL_LENGTH)
         entries = [RunTag(str(k), _truncate(str(v), limit)) for k, v in tags.items()]
         for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
-            client.log_batch(self._run_id, tags=chunk)
+            _retry(client.log_batch, self._run_id, tags=chunk)
 
     def log_dict(self, obj: Mapping[str, Any], artifact_file: str) -> None:
         """Store ``obj`` as an artifact: YAML for ``.yaml``/``.yml`` files, JSON otherwise."""
@@ -490,6 +625,103 @@ class Tracker:
         return self._client
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM while a run is open: the run ends KILLED."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process holds the run, so a later run can tell whether it is still alive."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_stale_runs(uri: str, experiment: str, client: MlflowClient | None = None) -> list[str]:
+    """Mark ``KILLED`` the RUNNING runs of ``experiment`` whose process (this host's ``mixmim.pid``)
+    no longer exists: what a SIGKILL, an OOM kill or a power cut leaves behind. Runs of other
+    hosts and runs without a recorded process are left alone. Returns the ids it closed."""
+    client = client or _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    closed = []
+    for run in _search_all(client, found.experiment_id, "attributes.status = 'RUNNING'", None, 10_000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        _retry(client.set_tag, run.info.run_id, ERROR_TAG, f"process {pid} on {host} ended without closing the run")
+        _retry(client.set_terminated, run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def ensure_group_run(uri: str, experiment: str, run_name: str, key: str, tags: Mapping[str, str]) -> str:
+    """The id of the experiment's group run identified by ``key`` (e.g. one variant of a pipeline,
+    whose seeds are its child runs), created FINISHED if missing.
+
+    Stages of one DVC invocation may run at once (``dvc queue start -j 2``); a lock file beside a
+    SQLite store (else in the temp folder) makes find-or-create atomic on this machine.
+    """
+    _prepare_local_store(uri)
+    client = _client(uri)
+    experiment_id = _get_or_create_experiment(client, uri, experiment)
+    lock = _group_lock_path(uri)
+    with _file_lock(lock):
+        flt = f"tags.`{GROUP_KEY_TAG}` = '{key}'"
+        existing = _search_all(client, experiment_id, flt, ["attributes.start_time ASC"], 1)
+        if existing:
+            return existing[0].info.run_id
+        all_tags = {**{str(k): str(v) for k, v in tags.items()}, GROUP_KEY_TAG: key, **_context_tags()}
+        run = _retry(client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        _retry(client.set_terminated, run.info.run_id, status="FINISHED")
+        return run.info.run_id
+
+
+def _group_lock_path(uri: str) -> Path:
+    db = _sqlite_path(uri) if urlparse(uri).scheme.lower() == "sqlite" else None
+    if db is not None:
+        return db.absolute().with_name(db.name + ".groups.lock")
+    import hashlib
+
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mixmim-groups-{digest}.lock"
+
+
+class _file_lock:
+    """An exclusive ``flock`` on ``path`` for the ``with`` block (POSIX; elsewhere no lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a")  # noqa: SIM115 - closed in __exit__
+        try:
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows
+            pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fh.close()  # releases the lock
+
+
 def _final_status(exc_type: type[BaseException] | None) -> str:
     if exc_type is None:
         return "FINISHED"
@@ -513,7 +745,8 @@ def _get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+            return _retry(client.create_experiment, name, artifact_location=_artifact_location(uri, name),
+                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another rank/job created it first
             if experiment is None:
@@ -523,7 +756,21 @@ def _get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
             f"MLflow experiment {name!r} in {uri!r} is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or use another name"
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a store created before the kind was set
+        _retry(client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def mark_training_experiments(uri: str) -> list[str]:
+    """Give every active experiment of the store that has no kind yet the training kind, so the
+    UI opens on its runs; returns the names it tagged (``make mlflow-ui`` calls this first)."""
+    client = _client(uri)
+    tagged = []
+    for experiment in client.search_experiments():
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            _retry(client.set_experiment_tag, experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            tagged.append(experiment.name)
+    return tagged
 
 
 # --------------------------------------------------------------------------- lineage
@@ -544,9 +791,8 @@ def find_runs(
     ``metrics.*``, ``params.*`` and ``tags.*``. An unknown experiment gives an empty frame.
     """
     import pandas as pd
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     runs = [] if found is None else _search_all(client, found.experiment_id, filter_string, order_by, max_results)
     rows = [_run_row(run) for run in runs]

@@ -1,30 +1,24 @@
 """DVC stage: ADE20K UperNet transfer (Table 4), from a pretraining checkpoint or from scratch.
 
-    python stages/ade20k.py --params params.yaml --sections ade20k --variant default \
-        --init runs/pretrain/pretrain.pt --run-dir runs/ade20k --metrics metrics/ade20k.json --plots plots/ade20k.csv
+    python stages/ade20k.py --params params.yaml --sections ade20k --variant default --seed 0 \
+        --init runs/pretrain/s0/pretrain.pt --run-dir runs/ade20k/default/s0 --metrics metrics/ade20k_s0.json \
+        --plots plots/ade20k_s0.csv
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mixmim.pipeline import load_params
-from mixmim.transfer.stages import ade20k_stage
+from mixmim.pipeline import ade20k_stage, load_params, stage_main, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--sections", nargs="+", default=["ade20k"], help="params sections, later ones override")
-    p.add_argument("--variant", default="default", help="run name suffix")
+    p = stage_parser(__doc__, ["ade20k"])
     p.add_argument("--init", default=None, help="pretraining weights; omit to use the section's init (or none)")
-    p.add_argument("--run-dir", required=True, help="checkpoints and weights (kept across kills to resume)")
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--plots", required=True)
     a = p.parse_args(argv)
-    ade20k_stage(load_params(a.params), a.sections, a.variant, a.init, a.run_dir, a.metrics, a.plots)
-    return 0
+    return stage_main("stages/ade20k.py", lambda: ade20k_stage(
+        load_params(a.params), a.sections, a.variant or "default", a.init, a.run_dir, a.metrics, a.plots,
+        seed=a.seed))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,22 @@
 """DVC stage: MixMIM pretraining. Reads params sections, runs mixmim.engine, writes outs.
 
-    python stages/pretrain.py --params params.yaml --sections pretrain --variant default \
-        --run-dir runs/pretrain --metrics metrics/pretrain.json --plots plots/pretrain.csv
+    python stages/pretrain.py --params params.yaml --sections pretrain --variant default --seed 0 \
+        --run-dir runs/pretrain/s0 --metrics metrics/pretrain_s0.json --plots plots/pretrain_s0.csv
+
+The weights later stages read are <run-dir>/pretrain.pt and <run-dir>/mlflow_run.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mixmim.pipeline import load_params, pretrain_stage
+from mixmim.pipeline import load_params, pretrain_stage, stage_main, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--sections", nargs="+", default=["pretrain"], help="params sections, later ones override")
-    p.add_argument("--variant", default="default")
-    p.add_argument("--run-dir", required=True, help="checkpoints and weights (kept across kills to resume)")
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--plots", required=True)
-    a = p.parse_args(argv)
-    pretrain_stage(load_params(a.params), a.sections, a.variant, a.run_dir, a.metrics, a.plots)
-    return 0
+    a = stage_parser(__doc__, ["pretrain"]).parse_args(argv)
+    return stage_main("stages/pretrain.py", lambda: pretrain_stage(
+        load_params(a.params), a.sections, a.variant or "default", a.run_dir, a.metrics, a.plots, seed=a.seed))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from mlflow import MlflowClient
 
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import ConfigError
-from mixmim.pipeline import PARENT_RUN_ENV, finetune_stage, load_params, pretrain_stage
+from mixmim.pipeline import GROUP_STAGE, PARENT_RUN_ENV, finetune_stage, load_params, pretrain_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_stages_write_metrics_plots_and_lineage(folder, monkeypatch):
     pre = pretrain_stage(params, ["pretrain"], "default", "runs/pre", str(folder / "m" / "pre.json"),
                          str(folder / "p" / "pre.csv"))
     ft = finetune_stage(params, ["finetune"], "finetune", "imagenet", "imagenet", "runs/pre/pretrain.pt",
-                        "runs/ft", str(folder / "m" / "ft.json"), str(folder / "p" / "ft.csv"))
+                        "runs/ft", str(folder / "m" / "ft.json"), str(folder / "p" / "ft.csv"), seed=3)
     metrics = json.loads((folder / "m" / "ft.json").read_text())
     assert set(metrics) >= {"top1", "top5", "best_top1", "init", "run_id"} and metrics["init"] == "pretrained"
     records = json.loads((folder / "m" / "ft_preds.json").read_text())  # per-image records of the last epoch
@@ -59,12 +60,25 @@ def test_stages_write_metrics_plots_and_lineage(folder, monkeypatch):
 
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     run = client.get_run(ft["run_id"])
-    assert run.info.run_name == "finetune/imagenet"
+    assert run.info.run_name == "finetune/imagenet/s3"
     tags = run.data.tags
     assert tags["mixmim.pipeline"] == "tests" and tags["mixmim.stage"] == "finetune"
     assert tags["mixmim.parent_pretrain_run"] == pre["run_id"]
     assert json.loads(tags["mixmim.dvc_params"])["epochs"] == 1
-    assert client.get_run(pre["run_id"]).info.run_name == "pretrain/default"
+    assert tags["mixmim.seed"] == "3" and metrics["seed"] == 3 and client.get_run(ft["run_id"]).data.params["seed"] == "3"
+    group = client.get_run(tags["mlflow.parentRunId"])  # the seeds of one variant share a group run
+    assert group.info.run_name == "finetune/imagenet" and group.data.tags["mixmim.stage"] == GROUP_STAGE
+    pre_run = client.get_run(pre["run_id"])
+    assert pre_run.info.run_name == "pretrain/default/s0" and pre_run.data.tags["mixmim.seed"] == "0"
+    assert client.get_run(pre_run.data.tags["mlflow.parentRunId"]).info.run_name == "pretrain/default"
+    assert client.get_run(pre["run_id"]).info.status == "FINISHED"
+
+    # a second seed of the same variant files under the same group run
+    again = finetune_stage(params, ["finetune"], "finetune", "imagenet", "imagenet", None, "runs/ft4",
+                           str(folder / "m" / "ft4.json"), str(folder / "p" / "ft4.csv"), seed=4)
+    assert client.get_run(again["run_id"]).data.tags["mlflow.parentRunId"] == group.info.run_id
+    experiment = client.get_experiment_by_name("pipeline-tests")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.parametrize("section, match", [
@@ -78,6 +92,55 @@ def test_malformed_params_fail_before_any_work(tmp_path, section, match):
     with pytest.raises(ConfigError, match=match):
         pretrain_stage(params, ["pretrain"], "default", "runs/pre", str(tmp_path / "m.json"), str(tmp_path / "p.csv"))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_key_the_stage_sets_is_refused_in_a_section(tmp_path):
+    params = load_params(write_params(tmp_path, pretrain={"model": "mixmim_nano", "output_dir": "elsewhere"}))
+    with pytest.raises(ConfigError, match="'output_dir' is set by the stage"):
+        pretrain_stage(params, ["pretrain"], "default", "runs/pre", str(tmp_path / "m.json"), str(tmp_path / "p.csv"))
+    params = load_params(write_params(tmp_path, pretrain={"model": "mixmim_nano", "seed": 1}))
+    with pytest.raises(ConfigError, match="seed=1 in the section, but the pipeline runs seed 2"):
+        pretrain_stage(params, ["pretrain"], "default", "runs/pre", str(tmp_path / "m.json"), str(tmp_path / "p.csv"),
+                       seed=2)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _stage(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "MIXMIM_PARENT_RUN_ID": ""})
+
+
+PRETRAIN_ARGS = ("--params", "params.yaml", "--run-dir", "runs/pre", "--metrics", "m.json", "--plots", "p.csv")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"pretrain": {"model": "mixmim_nano", "epochss": 1}}, "unknown key 'epochss'"),
+    ({"roots": {"imagenet": "nowhere/imagenet"}}, "nowhere/imagenet"),
+])
+def test_user_mistakes_end_a_stage_with_one_line(tmp_path, change, expected):
+    """An unknown key or a missing root: one line naming the value on stderr, exit status 2, no traceback."""
+    write_params(tmp_path, **change)
+    run = _stage("pretrain.py", *PRETRAIN_ARGS, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("stages/pretrain.py: error:")
+    assert "Traceback" not in run.stderr and not (tmp_path / "m.json").exists()
+
+
+def test_a_corrupt_image_ends_the_stage_with_one_line(tmp_path):
+    write_imagenet(tmp_path / "data" / "imagenet", seed=0, image_size=64, num_classes=2, train_per_class=4,
+                   val_per_class=1)
+    bad = sorted((tmp_path / "data" / "imagenet" / "train").rglob("*.JPEG"))[0]
+    bad.write_bytes(b"not a jpeg")
+    write_params(tmp_path)
+    run = _stage("pretrain.py", *PRETRAIN_ARGS, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.strip().splitlines() if line.startswith("stages/pretrain.py")]
+    assert len(lines) == 1 and bad.name in lines[0] and "Traceback" not in run.stderr
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("pipeline-tests").experiment_id],
+        "attributes.run_name = 'pretrain/default/s0'")[0]
+    assert run.info.status == "FAILED"
 
 
 def test_missing_dataset_root_is_named(tmp_path):

@@ -21,7 +21,7 @@ from mixmim.models import build_pretrainer
 from mixmim.pipeline import load_params
 from mixmim.tracking import PRETRAIN_RUN_TAG
 from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
-from mixmim.transfer.stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
+from mixmim.pipeline import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
 from mixmim.records import read_records
 from mixmim.stats import coco_ap_from_records, miou_from_counts
 from mixmim.transfer.train import (
@@ -188,7 +188,7 @@ def test_stages_write_metrics_and_plots(roots, store, tmp_path):
     assert [r["step"] for r in rows] == ["2"] and rows[0]["miou"]
 
     run = MlflowClient(store).get_run(ade["run_id"])
-    assert run.info.run_name == "ade20k/default" and run.data.tags["mixmim.pipeline"] == "tests"
+    assert run.info.run_name == "ade20k/default/s0" and run.data.tags["mixmim.pipeline"] == "tests"
     assert run.data.tags["mixmim.stage"] == "ade20k" and run.data.tags["mixmim.dataset"] == "ade20k"
     assert run.data.tags[PRETRAIN_RUN_TAG] == "pre123" and run.data.tags["mixmim.init"] == str(init)
 

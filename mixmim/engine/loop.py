@@ -44,6 +44,9 @@ logger = logging.getLogger("mixmim.engine")
 KILL_AT_STEP_ENV = "MIXMIM_KILL_AT_STEP"
 
 
+#: Checkpoint ``extra`` key: the MLflow run writing it, reopened when the run resumes.
+RUN_ID_KEY = "mlflow_run_id"
+
 #: Config keys that may change between a run and its resumption without changing its result.
 RESUME_IGNORED = frozenset({
     "resume", "progress", "num_workers", "log_every_steps", "ckpt_every_steps", "tracking_uri", "experiment",
@@ -133,7 +136,7 @@ class Loop:
     def _save(self, position: Position, scaler: torch.amp.GradScaler) -> None:
         if self.info.is_main:
             save_training_state(self.checkpoint_path, self.model, self.optimizer, scaler, position, self.config,
-                                extra={"history": self.history})
+                                extra={"history": self.history, RUN_ID_KEY: getattr(self.tracker, "run_id", None)})
 
     def run(self) -> list[dict[str, float]]:
         device = self.info.device

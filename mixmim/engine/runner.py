@@ -16,7 +16,9 @@ from ..tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 from .config import RuntimeConfig, to_dict
 from .data import ResumableSampler, SeededDataset, make_loader
 from .distributed import DistInfo
-from .loop import Loop
+from ..checkpoint import load_file
+from .loop import RUN_ID_KEY, Loop, resume_blocker
+from .state import LAST
 
 
 def seed_everything(seed: int) -> None:
@@ -87,14 +89,32 @@ def build_loop(cfg: RuntimeConfig, *, model: nn.Module, train_model: nn.Module, 
                 channels_last=cfg.channels_last, progress=cfg.progress, resume=cfg.resume, evaluate=evaluate)
 
 
+def interrupted_run_id(cfg: RuntimeConfig, epochs: int | None) -> str | None:
+    """The MLflow run of the checkpoint this run is about to resume, or None when it starts afresh
+    (no checkpoint, ``resume=false``, another config, or a finished run: :func:`resume_blocker`)."""
+    path = Path(cfg.output_dir) / LAST
+    if not cfg.resume or not path.is_file():
+        return None
+    saved = load_file(path)
+    finished = epochs is not None and saved["position"]["epoch"] >= epochs
+    if resume_blocker(saved.get("config", {}), to_dict(cfg), finished) is not None:
+        return None
+    return (saved.get("extra") or {}).get(RUN_ID_KEY)
+
+
 def open_tracker(cfg: RuntimeConfig, info: DistInfo, default_name: str, tags: dict[str, str],
-                 parent_run_id: str | None = None) -> Tracker:
-    """The run's tracker; the store is checked now, before any training (rank 0 only)."""
+                 parent_run_id: str | None = None, epochs: int | None = None) -> Tracker:
+    """The run's tracker; the store is checked now, before any training (rank 0 only).
+
+    A run resuming from its checkpoint reopens the MLflow run that wrote it (``epochs``, the
+    loop's length, tells a finished checkpoint from an interrupted one; default ``cfg.epochs``)."""
     uri = resolve_tracking_uri(cfg.tracking_uri)
+    resume_id = None
     if info.is_main:
         check_tracking_uri(uri)
+        resume_id = interrupted_run_id(cfg, epochs if epochs is not None else getattr(cfg, "epochs", None))
     return Tracker(uri, cfg.experiment, cfg.run_name or default_name, tags={**tags, **cfg.tags},
-                   parent_run_id=parent_run_id or cfg.parent_run_id, enabled=info.is_main)
+                   parent_run_id=parent_run_id or cfg.parent_run_id, enabled=info.is_main, resume_run_id=resume_id)
 
 
 def run_params(cfg: RuntimeConfig, derived: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from ..engine.runner import (
     TrainData, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
 )
 from ..models.registry import MODEL_SIZES
-from ..pipeline import write_text_atomic
+from ..io import write_text_atomic
 from ..tracking import PRETRAIN_RUN_TAG, Tracker, read_run_ref, write_run_ref
 from .backbone import MixMIMBackbone, build_backbone, detection_window_sizes, param_groups_layer_decay
 from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
@@ -616,7 +616,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             scores = evaluate_ade20k(m, val_set, cfg, info)  # type: ignore[arg-type]
             return {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"]}
 
-        with open_tracker(cfg, info, "ade20k", _tags(cfg, "ade20k", "ade20k")) as tracker:
+        with open_tracker(cfg, info, "ade20k", _tags(cfg, "ade20k", "ade20k"), epochs=epochs) as tracker:
             derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
                        "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
                        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
