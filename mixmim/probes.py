@@ -239,10 +239,11 @@ class OnlineKNN:
 class ProbeConfig(RuntimeConfig):
     """k-NN and linear probe of one encoder (``init``: a checkpoint, or None for a random-init control)."""
 
-    model: str = "mixmim_base"
+    model: str | None = None  # None: the architecture of arch_from (default: init), a pretraining checkpoint
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
     init: str | None = None
+    arch_from: str | None = None  # checkpoint whose saved config gives model/model_kwargs/img_size (not weights)
     dataset: str = "imagenet"
     data_root: str = ""
     crop_pct: float = 0.875
@@ -252,6 +253,29 @@ class ProbeConfig(RuntimeConfig):
     knn_temperature: float = 0.07
     linear_steps: int = 300
     linear_weight_decay: float = 1e-3
+
+
+def resolve_architecture(cfg: ProbeConfig) -> ProbeConfig:
+    """``cfg`` with ``model``/``model_kwargs``/``img_size`` taken from the pretraining config saved in
+    ``arch_from`` (default: ``init``) when ``model`` is not set, so a random-init control is built
+    exactly like the pretrained encoder it controls. Decoder arguments are dropped."""
+    import dataclasses
+
+    from .checkpoint import load_file
+
+    if cfg.model is not None:
+        return cfg
+    source = cfg.arch_from or cfg.init
+    if source is None:
+        raise ValueError("probe: no model given and no checkpoint to take the architecture from; set model, "
+                         "or arch_from / init to a pretraining checkpoint of this suite")
+    saved = load_file(source)
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or not config.get("model"):
+        raise ValueError(f"probe: {source} holds no saved training config with a model name; set model explicitly")
+    kwargs = {k: v for k, v in (config.get("model_kwargs") or {}).items() if not k.startswith("decoder_")}
+    return dataclasses.replace(cfg, model=config["model"], model_kwargs={**kwargs, **cfg.model_kwargs},
+                               img_size=cfg.img_size if cfg.img_size is not None else config.get("img_size"))
 
 
 def probe_model(cfg: ProbeConfig) -> nn.Module:
@@ -282,6 +306,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size}; expected a positive batch size")
+    cfg = resolve_architecture(cfg)
     info = DistInfo(device=resolve_device(cfg.device, 0))
     model = probe_model(cfg).to(info.device)
     size = input_size(FinetuneConfig(model=cfg.model, model_kwargs=dict(cfg.model_kwargs), img_size=cfg.img_size))
@@ -307,7 +332,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         tracker.log_params(run_params(cfg, {"img_size": size}))
         tracker.log_dict(to_dict(cfg), "config.yaml")
         tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=0)
-    return {**result, "knn": knn, "linear": lin, "run_id": tracker.run_id}
+    return {**result, "knn": knn, "linear": lin, "run_id": tracker.run_id, "model": cfg.model}
 
 
 def probe_records_paths(metrics_path: str | Any) -> dict[str, Any]:
@@ -321,13 +346,16 @@ def probe_records_paths(metrics_path: str | Any) -> dict[str, Any]:
 
 
 def probe_stage(params: Any, sections: Sequence[str], variant: str, dataset: str, init: str | None,
-                metrics_path: str, seed: int | None = None, run_dir: str | None = None) -> dict[str, Any]:
-    """DVC stage: probe the encoder of ``init`` (None: random initialisation, the control) on ``dataset``
-    and write the metrics JSON and the two per-image records files beside it (all atomically)."""
+                metrics_path: str, seed: int | None = None, run_dir: str | None = None,
+                arch_from: str | None = None) -> dict[str, Any]:
+    """DVC stage: probe the encoder of ``init`` (None: random initialisation, the control, built like
+    ``arch_from``) on ``dataset`` and write the metrics JSON and the two per-image records files beside
+    it (all atomically)."""
     from .pipeline import is_main_process, stage_config, write_metrics
     from .records import write_classification_records
 
-    owned = {"dataset": dataset, "init": params.resolve_path(init) if init else None}
+    owned = {"dataset": dataset, "init": params.resolve_path(init) if init else None,
+             "arch_from": params.resolve_path(arch_from) if arch_from else None}
     cfg = stage_config(ProbeConfig, params, sections, "probe", variant, dataset,
                        run_dir or f"runs/probe/{variant}", seed, owned)
     result = run_probe(cfg)
@@ -337,12 +365,13 @@ def probe_stage(params: Any, sections: Sequence[str], variant: str, dataset: str
         write_classification_records(path, result[name].labels.tolist(), result[name].preds.tolist())
     keys = ("knn_top1", "linear_top1", "n_val", "n_train", "feature_dim", "num_classes", "run_id")
     write_metrics(metrics_path, {**{k: result[k] for k in keys}, "dataset": dataset,
-                                 "init": "pretrained" if init else "random", "model": cfg.model, "seed": cfg.seed,
+                                 "init": "pretrained" if init else "random", "model": result["model"], "seed": cfg.seed,
                                  "knn_k": cfg.knn_k, "knn_temperature": cfg.knn_temperature})
     return result
 
 
 __all__ = [
     "OnlineKNN", "ProbeConfig", "ProbeResult", "eval_transform", "extract_features", "feature_fn", "knn_probe",
-    "knn_votes", "linear_probe", "probe_model", "probe_records_paths", "probe_stage", "run_probe", "subset_indices",
+    "knn_votes", "linear_probe", "probe_model", "probe_records_paths", "probe_stage", "resolve_architecture",
+    "run_probe", "subset_indices",
 ]

@@ -209,13 +209,15 @@ def test_pretrain_stage_metrics_json_has_mask_cells(data_root, tmp_path, monkeyp
     from mixmim.probes import probe_records_paths, probe_stage
 
     params_data = yaml.safe_load(params.read_text())
-    params_data["probe"] = {"model": "mixmim_nano", "batch_size": 4, "linear_steps": 50, "progress": False}
+    # no model in the section: the architecture comes from the pretraining checkpoint, for the control too
+    params_data["probe"] = {"batch_size": 4, "linear_steps": 50, "progress": False}
     params.write_text(yaml.safe_dump(params_data))
     out = {}
     for init in ("runs/pre/pretrain.pt", None):
         name = "pretrained" if init else "random"
         path = tmp_path / "metrics" / f"probe_{name}.json"
-        result = probe_stage(load_params(params), ["probe"], name, "imagenet", init, str(path), seed=0)
+        result = probe_stage(load_params(params), ["probe"], name, "imagenet", init, str(path), seed=0,
+                             arch_from="runs/pre/pretrain.pt")
         out[name] = json.loads(path.read_text())
         assert out[name]["n_val"] == 9 and out[name]["n_train"] == 18 and out[name]["init"] == name
         for kind, records_file in probe_records_paths(path).items():
@@ -225,3 +227,6 @@ def test_pretrain_stage_metrics_json_has_mask_cells(data_root, tmp_path, monkeyp
         tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"]).data.tags
         assert tags["mixmim.stage"] == "probe" and ("mixmim.parent_pretrain_run" in tags) == (init is not None)
     assert out["pretrained"]["feature_dim"] == out["random"]["feature_dim"] == 256
+    assert out["pretrained"]["model"] == out["random"]["model"] == "mixmim_nano"
+    with pytest.raises(ValueError, match="no model given and no checkpoint"):
+        probe_stage(load_params(params), ["probe"], "x", "imagenet", None, str(tmp_path / "x.json"), seed=0)
