@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-image-size", type=int, default=d.dense_image_size, help="COCO/ADE20K image side")
     p.add_argument("--dense-train", type=int, default=d.dense_train, help="COCO/ADE20K training images")
     p.add_argument("--dense-val", type=int, default=d.dense_val, help="COCO/ADE20K validation images")
+    p.add_argument("--unlabeled-images", type=int, default=d.unlabeled_images,
+                   help="images of the unlabeled pretraining set (all domains mixed)")
     return p
 
 
@@ -53,7 +55,7 @@ def _from_params(args: argparse.Namespace) -> argparse.Namespace:
     from dataclasses import asdict, make_dataclass
 
     from mixmim.engine.config import from_mapping
-    from mixmim.pipeline import load_params
+    from mixmim.params import load_params
 
     params = load_params(args.params)
     spec = make_dataclass("DataParams", [("root", str, "data/builtin"), ("seed", int, 0)]
@@ -68,7 +70,13 @@ def _from_params(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the requested datasets and print one line per dataset written."""
+    from mixmim.params import stage_main
+
     args = build_parser().parse_args(argv)
+    return stage_main("stages/prepare_data.py", lambda: generate(args))
+
+
+def generate(args: argparse.Namespace) -> None:
     if args.params is not None:
         args = _from_params(args)
     sizes = BuiltinSizes(
@@ -79,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dense_image_size=args.dense_image_size,
         dense_train=args.dense_train,
         dense_val=args.dense_val,
+        unlabeled_images=args.unlabeled_images,
     )
     start = last = time.perf_counter()
 
@@ -92,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate_all(args.out, seed=args.seed, sizes=sizes, datasets=args.datasets, on_done=report)
     print(f"wrote {len(args.datasets)} datasets to {args.out} (seed {args.seed}) "
           f"in {time.perf_counter() - start:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":
