@@ -230,3 +230,15 @@ def test_pretrain_stage_metrics_json_has_mask_cells(data_root, tmp_path, monkeyp
     assert out["pretrained"]["model"] == out["random"]["model"] == "mixmim_nano"
     with pytest.raises(ValueError, match="no model given and no checkpoint"):
         probe_stage(load_params(params), ["probe"], "x", "imagenet", None, str(tmp_path / "x.json"), seed=0)
+
+
+def test_probe_script_needs_a_checkpoint_for_pretrained_weights(capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "stages" / "probe.py"
+    spec = importlib.util.spec_from_file_location("probe_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--dataset", "imagenet", "--metrics", "m.json"])
+    assert exit_info.value.code == 2 and "--init pretrained needs --checkpoint" in capsys.readouterr().err
