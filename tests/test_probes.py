@@ -242,3 +242,15 @@ def test_probe_script_needs_a_checkpoint_for_pretrained_weights(capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--dataset", "imagenet", "--metrics", "m.json"])
     assert exit_info.value.code == 2 and "--init pretrained needs --checkpoint" in capsys.readouterr().err
+
+
+def test_online_knn_on_another_dataset_needs_its_root(data_root):
+    from mixmim.engine.pretrain import online_knn
+
+    base = dict(model="mixmim_nano", dataset="imagenet", data_root="/pretraining/data", knn_every=1)
+    assert online_knn(from_mapping(PretrainConfig, {**base, "knn_every": 0}), 64, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="knn_dataset='imagenet' without knn_data_root"):
+        online_knn(from_mapping(PretrainConfig, {**base, "knn_dataset": "imagenet"}), 64, torch.device("cpu"))
+    hook = online_knn(from_mapping(PretrainConfig, {**base, "knn_dataset": "imagenet", "knn_data_root": str(data_root)}),
+                      64, torch.device("cpu"))
+    assert len(hook.train_set) == 18 and len(hook.val_set) == 9

@@ -104,6 +104,9 @@ def online_knn(cfg: PretrainConfig, img_size: int, device: torch.device) -> Any:
     from ..probes import OnlineKNN, eval_transform
 
     tf = eval_transform(img_size)
+    if cfg.knn_dataset and not cfg.knn_data_root:
+        raise ValueError(f"knn_dataset={cfg.knn_dataset!r} without knn_data_root; expected the root of that "
+                         "labelled dataset (a pipeline stage fills it from roots)")
     name, root = cfg.knn_dataset or cfg.dataset, cfg.knn_data_root or cfg.data_root
     return OnlineKNN(classification_split(name, root, "train", tf, cfg.skip_bad_images),
                      classification_split(name, root, "val", tf, cfg.skip_bad_images),
