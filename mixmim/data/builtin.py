@@ -23,6 +23,12 @@ Every image carries learnable structure and nuisance variation:
 * ADE20K stand-in -- street/landscape scenes painted class by class (sky, building, tree,
   grass, road, water, car, person; 0 = "other" clutter).  The label map is painted with the
   very masks used for the image, so it is exact; labels are PNG, images JPEG.
+* Unlabeled pretraining set -- the field's regime is pretraining on a large unlabeled
+  collection (ImageNet-1K without its labels) and transferring to smaller labeled sets.
+  This set is many times larger than any labeled stand-in and mixes every domain above
+  (shapes, textures, landscapes, object and street scenes), drawn from its own random
+  streams, so no labeled training or validation image appears in it.  It is written in the
+  ImageNet folder layout, one folder per domain (the folder names are never used as labels).
 
 Everything is a pure function of the seed: each image draws from its own
 ``numpy.random.Generator`` keyed by (seed, dataset, split, index), so the same seed gives
@@ -48,7 +54,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the pixels a seed produces change, so caches can be invalidated."""
 
 META_FILE = "builtin_meta.json"
@@ -62,6 +68,7 @@ DEFAULT_ROOTS: dict[str, str] = {
     "places205": "places205",
     "coco": "coco",
     "ade20k": "ade20k",
+    "unlabeled": "unlabeled",
 }
 """Dataset name -> directory (relative to the output root) that ``generate_all`` writes."""
 
@@ -84,6 +91,7 @@ class BuiltinSizes:
     dense_image_size: int = 128
     dense_train: int = 80
     dense_val: int = 20
+    unlabeled_images: int = 2000
 
     def __post_init__(self) -> None:
         """Reject sizes the renderers cannot honour, before any file is written."""
@@ -91,7 +99,8 @@ class BuiltinSizes:
             raise ValueError(f"image sizes must be at least 8 pixels: {self}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2: {self}")
-        if min(self.train_per_class, self.val_per_class, self.dense_train, self.dense_val) < 0:
+        if min(self.train_per_class, self.val_per_class, self.dense_train, self.dense_val,
+               self.unlabeled_images) < 0:
             raise ValueError(f"image counts must be non-negative: {self}")
 
 
@@ -988,6 +997,41 @@ def write_ade20k(dest: Path, *, seed: int = 0, image_size: int = 128, num_train:
     return dest
 
 
+UNLABELED_DOMAINS: tuple[str, ...] = ("shapes", "textures", "landscapes", "objects", "streets")
+"""Folders of the unlabeled set, one per source domain; image i comes from domain i % 5."""
+
+
+def render_unlabeled_image(rng: np.random.Generator, domain: str, size: int) -> np.ndarray:
+    """One image of ``domain`` with its class (where it has one) drawn at random."""
+    if domain == "shapes":
+        return render_shape_image(rng, int(rng.integers(len(SHAPE_NAMES))), len(SHAPE_NAMES), size)
+    if domain == "textures":
+        return render_texture_image(rng, int(rng.integers(max_classes("inat2018"))), size)
+    if domain == "landscapes":
+        return render_scene_image(rng, int(rng.integers(SCENE_COMBOS)), size, 1, 0)
+    if domain == "objects":
+        return render_coco_image(rng, size)[0]
+    if domain == "streets":
+        return render_ade_image(rng, size)[0]
+    raise ValueError(f"unknown unlabeled domain {domain!r}; expected one of {UNLABELED_DOMAINS}")
+
+
+def write_unlabeled(dest: Path, *, seed: int = 0, image_size: int = 64, num_images: int = 2000) -> Path:
+    """Unlabeled pretraining set in the ImageNet layout: ``train/<domain>/<domain>_<n>.JPEG``."""
+    if num_images < len(UNLABELED_DOMAINS):
+        raise ValueError(f"unlabeled_images={num_images}; expected at least one image per domain "
+                         f"({len(UNLABELED_DOMAINS)})")
+    dest = Path(dest)
+    with staged_dir(dest) as root:
+        for i in range(num_images):
+            domain = UNLABELED_DOMAINS[i % len(UNLABELED_DOMAINS)]
+            pixels = render_unlabeled_image(image_rng(seed, "unlabeled", "train", i), domain, image_size)
+            save_jpeg(root / "train" / domain / f"{domain}_{i // len(UNLABELED_DOMAINS) + 1}.JPEG", pixels)
+        _write_meta(root, "unlabeled", seed, image_size=image_size, num_images=num_images,
+                    domains=list(UNLABELED_DOMAINS))
+    return dest
+
+
 # --------------------------------------------------------------------------------------
 # Everything at once
 # --------------------------------------------------------------------------------------
@@ -998,6 +1042,8 @@ def _writer_args(name: str, seed: int, sizes: BuiltinSizes) -> dict[str, Any]:
     if name in ("coco", "ade20k"):
         return {"seed": seed, "image_size": sizes.dense_image_size, "num_train": sizes.dense_train,
                 "num_val": sizes.dense_val}
+    if name == "unlabeled":
+        return {"seed": seed, "image_size": sizes.image_size, "num_images": sizes.unlabeled_images}
     return {"seed": seed, "image_size": sizes.image_size, "num_classes": sizes.num_classes,
             "train_per_class": sizes.train_per_class, "val_per_class": sizes.val_per_class}
 
@@ -1010,6 +1056,7 @@ WRITERS: dict[str, Callable[..., Path]] = {
     "places205": write_places205,
     "coco": write_coco,
     "ade20k": write_ade20k,
+    "unlabeled": write_unlabeled,
 }
 
 

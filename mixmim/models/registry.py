@@ -43,6 +43,15 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "mixmim_nano": ModelSize(32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=(8, 8, 4, 2), img_size=64,
                              decoder_dim=64, decoder_depth=2, decoder_num_heads=4, drop_path_rate=0.0,
                              notes="CPU size; the architecture of the reference test model"),
+    # The built-in pipeline's size: the mixing mechanism needs the paper's 7x7 mask grid, which
+    # the stride-32 sizes only reach at 224 px. Patch 1 and an empty first stage (patch
+    # embedding, then merging) give stride 8, so 56 px images have 7x7 = 49 cells of 8x8
+    # pixels; windows of 7 divide every grid (28, 14, 7) and the last stage is global, as
+    # in the paper. Differs from the paper's shape: patch 1 (paper 4), no blocks in stage 1,
+    # C=24, depths 0-1-2-1, 56 px input (paper 224), a 2-block decoder of width 96.
+    "mixmim_micro": ModelSize(24, (0, 1, 2, 1), (1, 2, 4, 8), window_size=(7, 7, 7, 7), img_size=56,
+                              patch_size=1, decoder_dim=96, decoder_depth=2, decoder_num_heads=4,
+                              drop_path_rate=0.0, notes="CPU size of the built-in pipeline; stride 8, 7x7 mask grid"),
 }
 
 _PRETRAIN_ONLY = ("decoder_dim", "decoder_depth", "decoder_num_heads")
