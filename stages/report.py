@@ -1,4 +1,4 @@
-"""Pipeline stage: regenerate the paper's tables and figures from the MLflow runs (``mixmim.report``).
+"""Pipeline stage: regenerate the paper's tables and figures from the committed results (``mixmim.report``).
 
 Usage::
 
@@ -7,17 +7,25 @@ Usage::
 Reads two sections of the params file::
 
     tracking:
-      uri: sqlite:///mlflow.db        # a relative sqlite path is relative to the working directory
+      uri: sqlite:///mlflow.db        # the loss-curve figure only (relative: to the params file)
     report:
       out_dir: reports
-      experiments: {default: default, ablations: ablations, backbones: backbones}
-      pretrain_weights: outputs/default/pretrain/pretrain.pt   # optional (mixing figure)
-      sample_images: data/builtin/imagenet/val                  # optional (mixing figure)
+      pipelines:                      # role -> metrics folder: the tables' only input
+        default: metrics
+        ablations: pipelines/ablations/metrics
+        backbones: pipelines/backbones/metrics
+      experiments: {default: default, ablations: ablations, backbones: backbones}   # MLflow, loss curves
+      calibration:                    # task -> metric and metrics file stems (without _s<seed>)
+        imagenet: {metric: top1, pretrained: finetune_imagenet, scratch: scratch_imagenet,
+                   probe_pretrained: probe_imagenet_pretrained, probe_random: probe_imagenet_random}
+      bootstrap_resamples: 2000
+      pretrain_weights: runs/pretrain/s0/pretrain.pt   # optional (mixing figure)
+      sample_images: data/builtin/imagenet/val         # optional (mixing figure)
       scale_note: "Built-in stand-in data, 64 px, CPU budgets; not comparable to the paper's numbers."
 
 The ``report`` section is checked strictly (an unknown key or a wrong type stops the
-stage, naming the key); of ``tracking`` only ``uri`` is read, since other stages own
-its other keys. The report is staged and moved into place whole, so a killed stage
+stage, naming the key); paths in it are relative to the params file's folder. The
+tracking URI is resolved as every stage resolves it (:meth:`mixmim.params.Params.tracking_uri`). The report is staged and moved into place whole, so a killed stage
 leaves the previous report, never a half-written one.
 """
 
@@ -29,20 +37,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 if __package__ in (None, ""):  # run as a script from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
 from mixmim.engine.config import ConfigError, from_mapping  # noqa: E402
-from mixmim.report import ROLES, build_report  # noqa: E402
-from mixmim.tracking import resolve_tracking_uri  # noqa: E402
+from mixmim.report import ROLES, build_report, check_calibration  # noqa: E402
+from mixmim.report.calibration import CalibrationEntry  # noqa: E402
+from mixmim.params import load_params as load_project_params  # noqa: E402
 
 
 def _default_experiments() -> dict[str, str]:
     return {role: role for role in ROLES}
+
+
+def _default_pipelines() -> dict[str, str]:
+    return {"default": "metrics", "ablations": "pipelines/ablations/metrics",
+            "backbones": "pipelines/backbones/metrics"}
 
 
 @dataclass
@@ -50,7 +61,10 @@ class ReportParams:
     """The ``report`` section of params.yaml."""
 
     out_dir: str = "reports"
+    pipelines: dict[str, str] = field(default_factory=_default_pipelines)
     experiments: dict[str, str] = field(default_factory=_default_experiments)
+    calibration: dict[str, dict] = field(default_factory=dict)
+    bootstrap_resamples: int = 2000
     pretrain_weights: str | None = None
     sample_images: str | None = None
     scale_note: str = ""
@@ -68,48 +82,32 @@ def check_experiments(experiments: Mapping[str, Any], where: str) -> dict[str, s
     return checked
 
 
-def absolute_sqlite_uri(uri: str, root: Path) -> str:
-    """``sqlite:///rel/x.db`` -> ``sqlite:////<root>/rel/x.db``; other URIs unchanged.
+def load_params(path: Path) -> tuple[ReportParams, str]:
+    """The checked ``report`` section and the tracking URI of a params file.
 
-    SQLAlchemy reads three slashes as a path relative to the process's working
-    directory; resolving it here makes the stage independent of where DVC starts it.
+    The URI comes from :meth:`mixmim.params.Params.tracking_uri` like every stage's
+    (``$MIXMIM_TRACKING_URI``, else ``tracking.uri`` with a relative SQLite path made
+    absolute against the params file's folder, DVC experiment workspaces included).
     """
-    if urlparse(uri).scheme.lower() != "sqlite":
-        return uri
-    rest, _, query = uri[len("sqlite:///"):].partition("?")
-    if not rest or rest == ":memory:" or rest.startswith("/"):
-        return uri
-    path = (root / rest).resolve()
-    return f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
-
-
-def load_params(path: Path, root: Path | None = None) -> tuple[ReportParams, str]:
-    """The checked ``report`` section and the tracking URI (absolute for SQLite) of a params file."""
-    root = Path.cwd() if root is None else root
-    if not path.is_file():
-        raise ConfigError(f"params file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"params file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"params file {path}: expected a mapping at the top level")
-    section = data.get("report")
+    project = load_project_params(path)
+    section = project.data.get("report")
     if section is None:
         raise ConfigError(f"params file {path}: no 'report' section")
     params = from_mapping(ReportParams, section, where="report")
     params.experiments = check_experiments(params.experiments, "report.experiments")
-    tracking = data.get("tracking") or {}
-    if not isinstance(tracking, Mapping):
-        raise ConfigError(f"tracking={tracking!r}: expected a mapping")
-    uri = tracking.get("uri")
-    if uri is not None and not isinstance(uri, str):
-        raise ConfigError(f"tracking.uri={uri!r}: expected a string")
-    return params, absolute_sqlite_uri(resolve_tracking_uri(uri, root), root)
+    params.pipelines = check_experiments(params.pipelines, "report.pipelines")
+    if params.bootstrap_resamples < 1000:
+        raise ConfigError(f"report.bootstrap_resamples={params.bootstrap_resamples!r}: expected at least 1000")
+    try:
+        check_calibration(params.calibration)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return params, project.tracking_uri()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Regenerate the paper's tables and figures from MLflow runs.")
+    parser = argparse.ArgumentParser(description="Regenerate the paper's tables and figures from the committed "
+                                                 "results (metrics JSON and per-image records).")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (sections report and tracking)")
     args = parser.parse_args(argv)
@@ -118,11 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"stages/report.py: {err}", file=sys.stderr)
         return 2
+    root = args.params.resolve().parent  # every path of the section is relative to the params file
+
+    def path(value: str | None) -> Path | None:
+        return None if not value else root / value
+
+    calibration: dict[str, CalibrationEntry] | None = check_calibration(params.calibration) or None
     report = build_report(
-        uri, params.experiments, out_dir=params.out_dir,
-        pretrain_weights=Path(params.pretrain_weights) if params.pretrain_weights else None,
-        sample_images=Path(params.sample_images) if params.sample_images else None,
-        scale_note=params.scale_note,
+        params.pipelines, out_dir=root / params.out_dir, root=root, calibration=calibration, tracking_uri=uri,
+        experiments=params.experiments, pretrain_weights=path(params.pretrain_weights),
+        sample_images=path(params.sample_images), scale_note=params.scale_note,
+        resamples=params.bootstrap_resamples,
     )
     print(f"report: {len(report.tables)} table files and {len(report.figures)} figures in {report.out_dir}")
     for name, why in report.skipped.items():

@@ -1,108 +1,121 @@
-"""The report on a real MLflow SQLite store filled with fake runs that follow the pipelines' data contract.
+"""The report as a function of committed results: metrics JSON and per-image records of every pipeline.
 
-One store and one report per module (a store's first use runs MLflow's migrations, and
-the report draws five figures); each test reads what it needs from the built report.
+One synthetic results tree per module (three pipelines, seeds, per-image records), one
+report built from it; each test reads what it needs. The tables must not depend on the
+MLflow store, must be deterministic, and must carry intervals, n, seeds and paired tests.
 """
 
 from __future__ import annotations
 
+import json
 import runpy
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from mixmim import stats
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import ConfigError, PretrainConfig, to_dict
 from mixmim.models import build_pretrainer, patchify
-from mixmim.report import build_report
+from mixmim.records import write_classification_records, write_detection_records, write_segmentation_records
+from mixmim.report import build_report, build_tables_from
 from mixmim.report.reconstruction import paste, unnormalise_cells
-from mixmim.tracking import PRETRAIN_RUN_TAG, Tracker, default_tracking_uri
+from mixmim.tracking import Tracker, default_tracking_uri
 
-EXPERIMENTS = {"default": "default", "ablations": "ablations", "backbones": "backbones"}
+PIPELINES = {"default": "metrics", "ablations": "pipelines/ablations/metrics",
+             "backbones": "pipelines/backbones/metrics"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_VAL = 120
+LABELS = [i % 10 for i in range(N_VAL)]  # 10 balanced classes: chance = 10%
 
 
-def _log_run(uri: str, experiment: str, stage: str, variant: str, *, dataset: str = "imagenet",
-             model: str = "mixmim_tiny", params: Mapping[str, Any] | None = None,
-             metrics: Mapping[str, float] | None = None, losses: int = 0, parent: str | None = None,
-             fail: bool = False) -> str:
-    """One run as the pipeline's stages log it (tags, params, final metrics, loss history)."""
-    tags = {"mixmim.pipeline": experiment, "mixmim.stage": stage, "mixmim.variant": variant,
-            "mixmim.dataset": dataset, "mixmim.model": model, "mixmim.scale": "builtin"}
-    if parent:
-        tags[PRETRAIN_RUN_TAG] = parent
-    tracker = Tracker(uri, experiment, f"{stage}/{variant}", tags=tags)
-    try:
-        with tracker:
-            tracker.log_params({"model": model, **(params or {})})
-            for step in range(1, losses + 1):
-                tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
-            tracker.log_metrics(dict(metrics or {}), step=losses)
-            if fail:
-                raise RuntimeError("simulated crash")
-    except RuntimeError:
-        assert fail
-    assert tracker.run_id is not None
-    return tracker.run_id
+def _metrics(folder: Path, stem: str, **values: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
-def _populate(uri: str) -> None:
-    # default pipeline: pretrain -> finetunes (variant = dataset), scratch, dense transfers
-    pre = _log_run(uri, "default", "pretrain", "default", params={"epochs": 4, "fill": "mix"},
-                   metrics={"final/train_loss": 0.4}, losses=6)
-    _log_run(uri, "default", "finetune", "imagenet", params={"epochs": 3}, parent=pre,
-             metrics={"final/top1": 71.3, "final/top5": 99.0, "final/best_top1": 72.0})
-    _log_run(uri, "default", "scratch", "imagenet", params={"epochs": 3}, metrics={"final/top1": 40.5})
-    _log_run(uri, "default", "finetune", "inat2018", dataset="inat2018", params={"epochs": 3}, parent=pre,
-             metrics={"final/top1": 33.3})
-    _log_run(uri, "default", "coco", "default", dataset="coco", parent=pre, params={"epochs": 2},
-             metrics={"final/ap_box": 0.123, "final/ap_mask": 0.101, "final/ap50_box": 0.3, "final/ap75_box": 0.1,
-                      "model/gflops": 1.33, "model/params_m": 6.84})
-    _log_run(uri, "default", "ade20k", "default", dataset="ade20k", parent=pre, params={"max_iters": 50},
-             metrics={"final/miou": 0.2345, "final/pixel_acc": 0.6, "final/baseline_miou": 0.05})
-    # ablations pipeline
-    pretrains = {
-        "default": {"epochs": 2},
-        "fill-zero": {"epochs": 2, "fill": "zero", "dual": False},
-        "dual-off": {"epochs": 2, "dual": False},
-        "mask-block": {"epochs": 2, "mask_type": "block"},
-        "mask-range-0.2": {"epochs": 2, "mask_ratio": 0.4, "range_mask_ratio": 0.2},
-        "mask-range-0.1": {"epochs": 2, "mask_ratio": 0.5, "range_mask_ratio": 0.1},
-        "epochs-4": {"epochs": 4},
-        "unmix-none": {"epochs": 2, "unmix": "none"},
-    }
-    ids = {v: _log_run(uri, "ablations", "pretrain", v, params={"mask_type": "random", "mask_ratio": 0.5,
-                                                                 "range_mask_ratio": 0.0, **p},
-                       losses=3 if v in ("default", "fill-zero") else 0)
-           for v, p in pretrains.items()}
-    top1 = {"default": 60.0, "dual-off": 58.0, "mask-block": 50.0, "mask-range-0.2": 57.0,
-            "mask-range-0.1": 56.0, "epochs-4": 62.0, "unmix-none": 54.0}
-    _log_run(uri, "ablations", "finetune", "fill-zero", params={"epochs": 2}, parent=ids["fill-zero"],
-             metrics={"final/top1": 11.0})  # superseded by the rerun below
-    _log_run(uri, "ablations", "finetune", "fill-zero", params={"epochs": 2}, parent=ids["fill-zero"],
-             metrics={"final/top1": 55.5})
-    _log_run(uri, "ablations", "finetune", "fill-zero", params={"epochs": 2}, parent=ids["fill-zero"],
-             metrics={"final/top1": 99.9}, fail=True)  # failed: never counts
-    for variant, value in top1.items():
-        _log_run(uri, "ablations", "finetune", variant, params={"epochs": 2}, parent=ids[variant],
-                 metrics={"final/top1": value})
-    _log_run(uri, "ablations", "ade20k", "default", dataset="ade20k", parent=ids["default"],
-             params={"img_size": 128, "max_iters": 200}, metrics={"final/miou": 0.30})
-    _log_run(uri, "ablations", "ade20k", "fill-zero", dataset="ade20k", parent=ids["fill-zero"],
-             metrics={"final/miou": 0.25})
-    # backbones pipeline: variant = timm family
-    vit = _log_run(uri, "backbones", "pretrain", "vit", model="vit_tiny_patch16_224", params={"epochs": 2})
-    _log_run(uri, "backbones", "finetune", "vit", model="vit_tiny_patch16_224", parent=vit,
-             params={"epochs": 2, "img_size": 64}, metrics={"final/top1": 45.0})
-    _log_run(uri, "backbones", "scratch", "vit", model="vit_tiny_patch16_224", params={"epochs": 2, "img_size": 64},
-             metrics={"final/top1": 30.0})
-    _log_run(uri, "backbones", "finetune", "resnet", model="resnet18", params={"epochs": 2},
-             metrics={"final/top1": 40.0})
+def _classification(folder: Path, stem: str, accuracy: float, rng_seed: int, suffix: str = "",
+                    key: str = "top1", **extra: Any) -> None:
+    """A classification result whose per-image records hold ``accuracy`` of the images right."""
+    rng = np.random.default_rng(rng_seed)
+    right = rng.permutation(N_VAL) < round(accuracy * N_VAL)
+    preds = [y if ok else (y + 1) % 10 for y, ok in zip(LABELS, right)]
+    write_classification_records(folder / f"{stem}{suffix}_preds.json", LABELS, preds)
+    path = folder / f"{stem}.json"
+    values = json.loads(path.read_text()) if path.exists() else {}
+    values.update({key: 100.0 * float(right.mean()), "n_val": N_VAL, **extra})
+    _metrics(folder, stem, **values)
+
+
+def _segmentation(folder: Path, stem: str, quality: float, rng_seed: int, **extra: Any) -> None:
+    rng = np.random.default_rng(rng_seed)
+    union = rng.integers(50, 100, size=(20, 4))
+    inter = (union * np.clip(quality + rng.normal(0, 0.05, size=union.shape), 0, 1)).astype(int)
+    write_segmentation_records(folder / f"{stem}_preds.json", inter.tolist(), union.tolist(), list("abcd"))
+    _metrics(folder, stem, miou=stats.miou_from_counts(inter, union), n_val=20, baseline_miou=0.05, **extra)
+
+
+def _detection(folder: Path, stem: str, hit_rate: float, rng_seed: int, **extra: Any) -> None:
+    rng = np.random.default_rng(rng_seed)
+    images = []
+    for i in range(20):
+        dets = [[1, float(rng.random()), int(rng.random() < hit_rate) * 1023, 0] for _ in range(3)]
+        images.append({"image_id": i + 1, "gt": {"1": 3}, "dets": dets})
+    write_detection_records(folder / f"{stem}_preds.json", images, images)
+    ap = stats.coco_ap_from_records(images)
+    _metrics(folder, stem, ap_box=ap, ap_mask=ap, n_val=20, **extra)
+
+
+def _populate(root: Path) -> None:
+    d, a, b = (root / PIPELINES[k] for k in ("default", "ablations", "backbones"))
+    common = {"model": "mixmim_tiny", "img_size": 64, "epochs": 3}
+    _metrics(d, "pretrain_s0", epochs=4, train_loss=0.5, mean_loss_baseline=0.9, seed=0)
+    _classification(d, "finetune_imagenet_s0", 0.7, 1, seed=0, init="pretrained", **common)
+    _classification(d, "scratch_imagenet_s0", 0.3, 2, seed=0, init="scratch", **common)
+    _classification(d, "finetune_inat2018_s0", 0.1, 3, seed=0, **common)  # at chance
+    for i, name in enumerate(("inat2019", "places205", "places365")):
+        _classification(d, f"finetune_{name}_s0", 0.6, 4 + i, seed=0, **common)
+    _detection(d, "coco_s0", 0.8, 7, model="mixmim_tiny", img_size=128, epochs=2, model_gflops=1.33,
+               model_params_m=6.85)
+    _detection(d, "scratch_coco_s0", 0.2, 8, model="mixmim_tiny", img_size=128, epochs=2, init="scratch")
+    _segmentation(d, "ade20k_s0", 0.8, 9, model="mixmim_tiny", img_size=128, max_iters=20)
+    _segmentation(d, "scratch_ade20k_s0", 0.8, 9, model="mixmim_tiny", img_size=128, max_iters=20, init="scratch")
+    _classification(d, "probe_imagenet_pretrained_s0", 0.5, 10, "_knn", key="knn_top1")
+    _classification(d, "probe_imagenet_pretrained_s0", 0.55, 11, "_linear", key="linear_top1")
+    # ablations: three seeds of the default and of fill-zero, one of the others
+    for seed in range(3):
+        _metrics(a, f"pretrain_default_s{seed}", epochs=4, train_loss=0.5, mean_loss_baseline=0.9, seed=seed)
+        _metrics(a, f"pretrain_fill-zero_s{seed}", epochs=4, train_loss=0.6, seed=seed)
+        _classification(a, f"finetune_default_s{seed}", [0.70, 0.75, 0.80][seed], 20 + seed, seed=seed, **common)
+        _classification(a, f"finetune_fill-zero_s{seed}", [0.20, 0.25, 0.30][seed], 30 + seed, seed=seed, **common)
+    _segmentation(a, "ade20k_default_s0", 0.8, 40)
+    _segmentation(a, "ade20k_fill-zero_s0", 0.8, 40)  # identical records: p = 1
+    _metrics(a, "pretrain_epochs-8_s0", epochs=8, seed=0)
+    _classification(a, "finetune_epochs-8_s0", 0.7, 41, seed=0, **common)
+    _metrics(a, "pretrain_mask-range-40-20_s0", epochs=4, seed=0)
+    _classification(a, "finetune_mask-range-40-20_s0", 0.7, 42, seed=0, **common)
+    # backbones
+    _metrics(b, "pretrain_vit_s0", epochs=4, seed=0)
+    _classification(b, "finetune_vit_s0", 0.5, 50, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3)
+    _classification(b, "scratch_vit_s0", 0.45, 51, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3)
+
+
+def _log_losses(uri: str) -> None:
+    for experiment, variant, seeds in (("default", "default", [0]), ("ablations", "default", [0, 1, 2]),
+                                       ("ablations", "fill-zero", [0, 1])):
+        for seed in seeds:
+            tags = {"mixmim.stage": "pretrain", "mixmim.variant": variant, "mixmim.seed": str(seed)}
+            with Tracker(uri, experiment, f"pretrain/{variant}/s{seed}", tags=tags) as tracker:
+                for step in range(1, 41):
+                    tracker.log_metrics({"train/loss": 1.0 / step ** 0.3 + 0.02 * seed}, step=step)
 
 
 def _checkpoint(path: Path) -> Path:
@@ -115,13 +128,15 @@ def _checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("report")
-    uri = default_tracking_uri(root)
-    _populate(uri)
+    _populate(root)
+    uri = default_tracking_uri(root / "store")
+    _log_losses(uri)
     weights = _checkpoint(root / "pretrain.pt")
     images = write_imagenet(root / "imagenet", num_classes=2, train_per_class=2, val_per_class=2)
     out = root / "reports"
-    report = build_report(uri, EXPERIMENTS, out_dir=out, pretrain_weights=weights, sample_images=images / "val",
-                          scale_note="Built-in stand-in data at 64 px; not comparable to the paper.")
+    report = build_report(PIPELINES, out_dir=out, root=root, tracking_uri=uri,
+                          experiments={"default": "default", "ablations": "ablations"}, pretrain_weights=weights,
+                          sample_images=images / "val", scale_note="synthetic results", resamples=1000)
     return {"uri": uri, "out": out, "report": report, "root": root}
 
 
@@ -137,7 +152,7 @@ def _row(frame: pd.DataFrame, **match: str) -> pd.Series:
     return frame[mask].iloc[0]
 
 
-STEMS = ("pretrained_vs_scratch", "table2_in1k_mim", "table3_same_encoder", "table4_coco_ade20k",
+STEMS = ("calibration", "run_mapping", "table2_in1k_mim", "table3_same_encoder", "table4_coco_ade20k",
          "table5_cls_transfer", "table6_filling", "table7_dual", "table8_masking", "table9_epochs",
          "table10_unmixing", "table13_convnets")
 FIGURE_NAMES = ("figure2_flops_vs_top1.png", "figure2_flops_vs_coco_ap.png", "figure2_flops_vs_ade_miou.png",
@@ -145,100 +160,144 @@ FIGURE_NAMES = ("figure2_flops_vs_top1.png", "figure2_flops_vs_coco_ap.png", "fi
 
 
 def test_every_table_and_figure_is_written_and_indexed(built: Mapping[str, Any]) -> None:
-    out: Path = built["out"]
+    readme = (built["out"] / "README.md").read_text()
     for stem in STEMS:
-        for suffix in (".md", ".csv", ".tex"):
-            assert (out / "tables" / f"{stem}{suffix}").stat().st_size > 0, f"{stem}{suffix}"
-    readme = (out / "README.md").read_text()
-    assert "Built-in stand-in data at 64 px" in readme
-    for name in (*STEMS, *FIGURE_NAMES):
-        assert name in readme
-    assert "not drawn" not in readme
-    assert not list(out.parent.glob(".reports.*"))  # no staging folder left behind
-    tex = (out / "tables" / "table6_filling.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"\bottomrule" in tex and "---" in tex
-
-
-def test_table6_puts_paper_and_ours_side_by_side(built: Mapping[str, Any]) -> None:
-    t6 = _table(built, "table6_filling")
-    assert list(t6.columns[:5]) == ["fill", "top1 (paper)", "top1 (ours)", "mIoU (paper)", "mIoU (ours)"]
-    mix = _row(t6, fill="mix")
-    assert (mix["top1 (paper)"], mix["top1 (ours)"], mix["mIoU (ours)"]) == ("84.6", "60.0", "30.0")
-    assert mix["scale (ours)"] == ("built-in data, mixmim_tiny, 64 px, 2 pretrain + 2 finetune epochs; "
-                                   "built-in data, mixmim_tiny, 128 px, 2 pretrain + 200 transfer iterations")
-    zero = _row(t6, fill="zero")  # the latest finished rerun, not the superseded or the failed run
-    assert (zero["top1 (paper)"], zero["top1 (ours)"], zero["mIoU (ours)"]) == ("84.1", "55.5", "25.0")
-    learnable = _row(t6, fill="learnable")
-    assert learnable["top1 (paper)"] == "84.1"
-    assert learnable["top1 (ours)"].startswith("— (") and "fill-learnable" in learnable["top1 (ours)"]
-    md = (built["out"] / "tables" / "table6_filling.md").read_text()
-    assert "| mix | 84.6 | 60.0 | 49.9 | 30.0 |" in md
-
-
-def test_missing_cells_say_why(built: Mapping[str, Any]) -> None:
-    t2 = _table(built, "table2_in1k_mim")
-    assert _row(t2, method="MAE")["top1 (ours)"] == "— (MAE not reproduced)"
-    ours = t2[t2["method"] == "MixMIM"]
-    assert list(ours["top1 (ours)"]) == ["— (MixMIM-B, 300 epochs not run at built-in scale)", "71.3"]
-    t3 = _table(built, "table3_same_encoder")
-    assert _row(t3, method="MixMIM", backbone="ViT-B")["top1 (ours)"] == "45.0"
-    assert _row(t3, method="Supervised", backbone="ViT-B")["top1 (ours)"] == "30.0"
-    assert _row(t3, method="MixMIM", backbone="ViT-L")["top1 (ours)"] == "— (ViT-L not run at built-in scale)"
-    assert "no finished finetune run of 'swin'" in _row(t3, method="MixMIM", backbone="Swin-B")["top1 (ours)"]
-    t4 = _table(built, "table4_coco_ade20k")
-    b = _row(t4, method="MixMIM", backbone="MixMIM-B")
-    assert (b["AP box (ours)"], b["AP mask (ours)"], b["mIoU (ours)"]) == ("12.3", "10.1", "23.4")
-    assert (b["COCO GFLOPs (ours)"], b["COCO params M (ours)"]) == ("1.3", "6.8")  # as the coco run logged them
-    assert b["ADE GFLOPs (ours)"].startswith("— (model/gflops not logged by run ")
-    t5 = _table(built, "table5_cls_transfer")
-    b5 = _row(t5, method="MixMIM", backbone="MixMIM-B")
-    assert b5["iNat18 (ours)"] == "33.3" and "no finished finetune run on places365" in b5["Places365 (ours)"]
-    assert b5["average (ours)"] == "— (3 of 4 datasets not run)"
-    t13 = _table(built, "table13_convnets")
-    assert _row(t13, method="MixMIM", backbone="Res50x3")["top1 (ours)"] == "40.0"
-    assert _row(t13, method="BiT-M", backbone="Res50x3")["top1 (ours)"] == "— (needs ImageNet-21K labels)"
-
-
-def test_ablation_tables_match_variants_by_name_params_and_sweep(built: Mapping[str, Any]) -> None:
-    t7 = _table(built, "table7_dual")
-    assert _row(t7, dual="false")["top1 (ours)"] == "58.0"
-    t8 = _table(built, "table8_masking")
-    assert _row(t8, **{"mask type": "block"})["top1 (ours)"] == "50.0"
-    assert _row(t8, **{"mask ratio": "0.4"})["top1 (ours)"] == "57.0"
-    assert "ratio 0.3 + U(0, 0.4)" in _row(t8, **{"mask ratio": "0.3"})["top1 (ours)"]
-    extra = _row(t8, **{"variant (ours)": "mask-range-0.1"})
-    assert extra["top1 (paper)"] == "— (not in the paper)" and extra["top1 (ours)"] == "56.0"
-    t9 = _table(built, "table9_epochs")  # a scaled-down sweep is paired with the paper's by rank
-    ours = ["pretrain epochs (ours)", "top1 (ours)"]
-    assert _row(t9, **{"pretrain epochs (paper)": "300"})[ours].tolist() == ["2", "60.0"]
-    assert _row(t9, **{"pretrain epochs (paper)": "600"})[ours].tolist() == ["4", "62.0"]
-    assert _row(t9, **{"pretrain epochs (paper)": "900"})["top1 (ours)"] == "— (our sweep has 2 budget(s))"
-    t10 = _table(built, "table10_unmixing")
-    assert _row(t10, approach="none (w/o unmixing)")["top1 (ours)"] == "54.0"
-    assert _row(t10, approach="masked self-attention")["top1 (ours)"] == "60.0"
-    assert "unmix-mix_embedding" in _row(t10, approach="mix embedding")["top1 (ours)"]
-
-
-def test_pretrained_vs_scratch_shows_both(built: Mapping[str, Any]) -> None:
-    table = _table(built, "pretrained_vs_scratch")
-    imagenet = _row(table, dataset="imagenet")
-    assert imagenet["top1 MixMIM-pretrained (ours)"] == "71.3"
-    assert imagenet["top1 from scratch (ours)"] == "40.5"
-    assert imagenet["gain (points)"] == "+30.8"
-    assert imagenet["finetune epochs (pretrained / scratch)"] == "3 / 3"
-    assert imagenet["top1 linear probe (ours)"].startswith("— (no finished linear_probe run")
-    assert _row(table, dataset="inat2018")["top1 from scratch (ours)"].startswith("— (")
-
-
-def test_figures_are_non_empty_pngs(built: Mapping[str, Any]) -> None:
+        for ext in ("md", "csv", "tex"):
+            assert (built["out"] / "tables" / f"{stem}.{ext}").is_file(), (stem, ext)
+        assert f"tables/{stem}.md" in readme
     for name in FIGURE_NAMES:
         data = (built["out"] / "figures" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
-    assert len(built["report"].figures) == len(FIGURE_NAMES) and not built["report"].skipped
+    assert "last epoch" in readme and not built["report"].skipped
+
+
+def test_tables_are_deterministic_and_need_no_mlflow(built: Mapping[str, Any], tmp_path: Path) -> None:
+    """A fresh process rebuilds every table byte for byte from the committed files, without importing mlflow."""
+    code = (
+        "import sys, pathlib\n"
+        "from mixmim.report.build import build_tables_from\n"
+        "from mixmim.report.render import write_table\n"
+        f"tables, _ = build_tables_from({PIPELINES!r}, root={str(built['root'])!r}, resamples=1000)\n"
+        f"out = pathlib.Path({str(tmp_path / 'fresh')!r})\n"
+        "for t in tables: write_table(t.frame, out, t.key, t.title, t.notes)\n"
+        "print('mlflow' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.strip() == "False"  # the tables never touched the tracking store
+    assert not (tmp_path / "mlflow.db").exists()
+    committed = sorted((built["out"] / "tables").iterdir())
+    assert [p.name for p in committed] == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+    for path in committed:
+        assert (tmp_path / "fresh" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_seeds_give_a_t_interval_and_paired_tests_resolve(built: Mapping[str, Any]) -> None:
+    t6 = _table(built, "table6_filling")
+    default, zero = _row(t6, fill="mix"), _row(t6, fill="zero")
+    ci = stats.t_interval([70.0, 75.0, 80.0])
+    assert default["top1_ours"] == "75.0" and default["top1_n_seeds"] == "3" and default["top1_n_val"] == str(N_VAL)
+    assert (float(default["top1_ours_ci_low"]), float(default["top1_ours_ci_high"])) == pytest.approx(
+        (ci.low, ci.high), abs=0.06)
+    assert zero["top1_diff_vs_default"] == "-50.0" and zero["top1_resolved_vs_default"] == "yes"
+    assert float(zero["top1_p_vs_default"].replace("<", "")) < 0.05
+    # identical ADE20K records for both variants: nothing to resolve
+    assert zero["miou_p_vs_default"] == "1" and zero["miou_resolved_vs_default"] == "no"
+    assert _row(t6, fill="learnable")["top1_ours"] == (
+        "— (no finetune_fill-learnable_s*.json in the ablations pipeline's metrics)")
+    md = (built["out"] / "tables" / "table6_filling.md").read_text()
+    assert "75.0 (" in md and "chance level" in md and "n = 120 validation images" in md
+
+
+def test_single_seed_gets_a_bootstrap_interval_and_mcnemar(built: Mapping[str, Any]) -> None:
+    t2 = _table(built, "table2_in1k_mim")
+    ours = _row(t2, method="MixMIM", pretrain_epochs_paper="600")
+    assert ours["top1_ours"] == "70.0" and ours["top1_n_seeds"] == "1"
+    low, high = float(ours["top1_ours_ci_low"]), float(ours["top1_ours_ci_high"])
+    assert low < 70.0 < high and high - low == pytest.approx(2 * 1.96 * (0.21 / N_VAL) ** 0.5 * 100, rel=0.25)
+    assert ours["top1_resolved_vs_scratch"] == "yes"
+    assert _row(t2, method="MixMIM", pretrain_epochs_paper="300")["top1_ours"].startswith("— (no run of ours at 0.5x")
+    assert "GFLOPs (paper's model)" in t2.columns and "GFLOPs (our model)" in t2.columns
+
+
+def test_calibration_table(built: Mapping[str, Any]) -> None:
+    cal = _table(built, "calibration")
+    assert list(cal.task) == ["imagenet", "inat2018", "inat2019", "places205", "places365", "coco", "ade20k"]
+    for column in ("task", "metric", "pretrained", "pretrained_ci_low", "pretrained_ci_high", "scratch",
+                   "scratch_ci_low", "scratch_ci_high", "resolved", "p_value", "n_val", "knn_pretrained",
+                   "linear_pretrained"):
+        assert column in cal.columns, column
+    imagenet, coco, ade = _row(cal, task="imagenet"), _row(cal, task="coco"), _row(cal, task="ade20k")
+    assert (imagenet["pretrained"], imagenet["scratch"], imagenet["resolved"]) == ("70.0", "30.0", "yes")
+    assert imagenet["knn_pretrained"] == "50.0" and imagenet["knn_random"].startswith("— (no probe_imagenet_random")
+    assert coco["resolved"] == "yes" and float(coco["pretrained"]) > float(coco["scratch"])
+    assert ade["resolved"] == "no"  # identical records
+    inat = _row(cal, task="inat2018")
+    assert inat["scratch"] == "— (no scratch_inat2018_s*.json in the default pipeline's metrics)"
+    assert inat["resolved"] == "—"
+
+
+def test_average_excludes_results_at_chance(built: Mapping[str, Any]) -> None:
+    t5 = _table(built, "table5_cls_transfer")
+    ours = _row(t5, backbone="MixMIM-B")
+    assert ours["inat2018_ours"] == "10.0"
+    assert ours["average_ours"] == "60.0 (excludes inat2018: at or below chance)"
+
+
+def test_one_mapping_from_runs_to_paper_rows(built: Mapping[str, Any]) -> None:
+    t9 = _table(built, "table9_epochs")
+    assert _row(t9, pretrain_epochs_paper="300")["variant_ours"] == "default"
+    assert _row(t9, pretrain_epochs_paper="600")["variant_ours"] == "epochs-8"  # 2x our default -> 2x 300
+    assert _row(t9, pretrain_epochs_paper="900")["top1_ours"].startswith("— (no variant at 3x")
+    mapping = _table(built, "run_mapping")
+    default_rows = mapping[(mapping.pipeline == "ablations") & (mapping.run == "default")]
+    assert set(default_rows["table"]) >= {"table6", "table7", "table9"}
+    assert all("-> 1x the paper's default 300 ep" in why for why in default_rows["why"])
+    t8 = _table(built, "table8_masking")
+    assert _row(t8, mask_type="random", mask_ratio="0.4")["variant_ours"] == "mask-range-40-20"
+    t3 = _table(built, "table3_same_encoder")
+    vit = _row(t3, method="MixMIM", backbone="ViT-B")
+    assert vit["top1_ours"] == "50.0" and vit["top1_resolved_vs_scratch"] in ("yes", "no")
+
+
+def test_table4_sizes_say_whose_count(built: Mapping[str, Any]) -> None:
+    t4 = _table(built, "table4_coco_ade20k")
+    b = _row(t4, method="MixMIM", backbone="MixMIM-B")
+    assert (b["COCO GFLOPs (paper's model)"], b["COCO GFLOPs (our model)"], b["COCO params M (our model)"]) == (
+        "701", "1.3", "6.8")
+    assert b["ap_box_resolved_vs_scratch"] == "yes" and b["miou_resolved_vs_scratch"] == "no"
+
+
+def test_figure2_never_shares_an_axis_between_paper_and_ours() -> None:
+    from mixmim.report import figures as figs
+
+    paper = [figs.Point("MixMIM", "B", 16.3, 85.1), figs.Point("MAE", "H", 167.4, 86.9)]
+    fig = figs.scaling_figure(paper, [figs.OursPoint("pretrained", 40.0, 35.0, 45.0)], "t", "paper", "ours", "y")
+    left, right = fig.axes
+    assert left.get_xscale() == "linear"
+    assert not left.get_shared_y_axes().joined(left, right) and not left.get_shared_x_axes().joined(left, right)
+    assert max(line.get_ydata().max() for line in left.lines) == pytest.approx(86.9)
+    assert all(max(line.get_ydata()) < 50 for line in right.lines)
+
+
+def test_figure2_paper_points_include_mae_h() -> None:
+    from mixmim.report.tables import paper_table
+
+    frame = paper_table("figure2_scaling")
+    assert set(frame.model) >= {"MixMIM-B", "MixMIM-L", "MixMIM-H", "ViT-B", "ViT-L", "ViT-H"}
+
+
+def test_loss_curves_band_over_seeds() -> None:
+    from mixmim.report import figures as figs
+
+    curve = figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6]), ([1, 2, 3], [1.2, 1.0, 0.8])], "ablations")
+    fig = figs.loss_curves_figure([curve], {"ablations": 0.9})
+    ax = fig.axes[0]
+    assert len(ax.collections) == 1  # the band
+    assert any(list(line.get_ydata()) == [0.9, 0.9] for line in ax.lines)  # the predict-the-mean level
 
 
 def test_perfect_prediction_reconstructs_the_image() -> None:
-    """Unnormalising with the target cell's statistics inverts norm_pix targets exactly."""
+    """Unnormalising with the target cell's statistics inverts norm_pix targets exactly (a check of the maths)."""
     torch.manual_seed(0)
     img = torch.randn(3, 64, 64)
     cells = patchify(img.unsqueeze(0), 32)[0]
@@ -246,39 +305,22 @@ def test_perfect_prediction_reconstructs_the_image() -> None:
     pred = unnormalise_cells(target, img, 32, norm_pix=True)
     predicted = torch.tensor([1.0, 0.0, 0.0, 1.0])
     out = paste(torch.zeros_like(img), pred, predicted, 32, (2, 2))
-    assert torch.allclose(out[:, :32, :32], img[:, :32, :32], atol=1e-4)  # predicted cell: from the model
-    assert torch.equal(out[:, :32, 32:], torch.zeros(3, 32, 32))  # visible cell: kept from the input
+    assert torch.allclose(out[:, :32, :32], img[:, :32, :32], atol=1e-4)
+    assert torch.equal(out[:, :32, 32:], torch.zeros(3, 32, 32))
 
 
-def test_table4_shows_the_logged_dense_costs_beside_the_paper() -> None:
-    """Table builders are pure functions of a RunIndex, so they need no store."""
-    from mixmim.report.runs import Run, RunIndex
-    from mixmim.report.tables import table4
-
-    coco = Run("r1", "default", "paper", "coco", "default", "coco", "mixmim_base", "paper",
-               metrics={"final/ap_box": 0.5, "final/ap_mask": 0.45, "model/gflops": 700.6, "model/params_m": 110.2})
-    t4 = table4(RunIndex([coco], {"default": "paper"}))
-    b, large = t4[t4["backbone"] == "MixMIM-B"].iloc[0], t4[t4["backbone"] == "MixMIM-L"].iloc[0]
-    assert (b["COCO GFLOPs (paper)"], b["COCO GFLOPs (ours)"], b["COCO params M (ours)"]) == ("701", "701", "110")
-    assert b["AP box (ours)"] == "50.0"
-    assert b["ADE GFLOPs (ours)"] == b["mIoU (ours)"] == "— (no finished ade20k run in 'paper')"
-    assert large["AP box (ours)"] == "— (MixMIM-L not run at paper scale)"
-    assert b["scale (ours)"] == "paper data, mixmim_base, 224 px"
-
-
-def test_scale_label_names_the_encoder_arguments_a_run_changed() -> None:
-    from mixmim.report.runs import Run, RunIndex
-    from mixmim.report.tables import scale_label
-
-    params = {"img_size": "64", "model_kwargs.embed_dim": "48", "model_kwargs.window_size": "4",
-              **{f"model_kwargs.depths.{i}": "2" for i in range(4)}, "model_kwargs.depths.10": "3",
-              "model_kwargs.decoder_dim": "128"}
-    run = Run("r1", "backbones", "backbones", "finetune", "swin", "imagenet", "swin_tiny_patch4_window7_224",
-              "builtin", params=params)
-    label = scale_label(run, RunIndex([run], {"backbones": "backbones"}))
-    assert label.startswith("built-in data, swin_tiny_patch4_window7_224 "
-                            "(depths=[2, 2, 2, 2, 3], embed_dim=48, window_size=4), 64 px")
-    assert "decoder" not in label
+def test_figure_unnormalises_with_visible_cells_only() -> None:
+    """Changing the hidden cells of the target does not change what the figure shows for them."""
+    torch.manual_seed(0)
+    img = torch.randn(3, 64, 64)
+    pred = torch.randn(4, 32 * 32 * 3)
+    visible = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    a = unnormalise_cells(pred, img, 32, True, visible=visible)
+    other = img.clone()
+    other[:, :32, :32] += 5.0  # cell 0 is hidden
+    assert torch.equal(a, unnormalise_cells(pred, other, 32, True, visible=visible))
+    with pytest.raises(ValueError, match="no visible cell"):
+        unnormalise_cells(pred, img, 32, True, visible=torch.zeros(4))
 
 
 def test_single_reconstruction_without_a_partner_image_drops_those_columns() -> None:
@@ -289,8 +331,7 @@ def test_single_reconstruction_without_a_partner_image_drops_those_columns() -> 
     model = build_pretrainer("mixmim_nano", fill="zero", dual=False, mask_type="block").eval()
     views = reconstruct_pairs(model, torch.randn(2, 3, 64, 64), fixed_mask(model))
     assert len(views) == 1 and views[0].original_b is None and views[0].recon_b is None
-    assert views[0].recon_a.shape == (64, 64, 3) and 0.0 <= views[0].recon_a.min() <= views[0].recon_a.max() <= 1.0
-    assert len(mixing_figure(views).axes) == 3  # image A, input, reconstruction of A
+    assert len(mixing_figure(views).axes) == 3
 
 
 def test_failed_build_keeps_the_previous_report(built: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,17 +346,23 @@ def test_failed_build_keeps_the_previous_report(built: Mapping[str, Any], monkey
 
     monkeypatch.setattr(build, "_top1_figure", crash)
     with pytest.raises(RuntimeError, match="killed mid-report"):
-        build_report(built["uri"], EXPERIMENTS, out_dir=out)
+        build_report(PIPELINES, out_dir=out, root=built["root"], resamples=1000)
     assert [p.name for p in out.iterdir()] == ["README.md"]
-    assert (out / "README.md").read_text() == "previous report\n"
     assert not list(out.parent.glob(".kept.*"))
+
+
+def test_missing_pipeline_folder_gives_reasons(tmp_path: Path) -> None:
+    tables, _ = build_tables_from({"default": "nowhere"}, root=tmp_path, resamples=1000)
+    t6 = next(t for t in tables if t.key == "table6_filling").frame
+    assert t6.iloc[0]["top1_ours"] == "— (no 'ablations' pipeline given to the report)"
+    with pytest.raises(ValueError, match="unknown role 'extras'"):
+        build_tables_from({"extras": "x"}, root=tmp_path)
 
 
 # --------------------------------------------------------------------------- the DVC stage
 
 
 def _stage_module() -> SimpleNamespace:
-    """The stage script's functions (it is a script, not a module of the package)."""
     path = Path(__file__).resolve().parents[1] / "stages" / "report.py"
     return SimpleNamespace(**runpy.run_path(str(path), run_name="stage_report"))
 
@@ -323,32 +370,38 @@ def _stage_module() -> SimpleNamespace:
 def test_stage_checks_params_and_resolves_relative_sqlite(tmp_path: Path) -> None:
     stage = _stage_module()
     params = tmp_path / "params.yaml"
-    params.write_text("tracking: {uri: 'sqlite:///store/mlflow.db', other: 1}\n"
-                      "report: {out_dir: out, experiments: {default: paper}, scale_note: x}\n")
-    checked, uri = stage.load_params(params, root=tmp_path)
+    params.write_text("tracking: {uri: 'sqlite:///store/mlflow.db', experiment: x}\n"
+                      "report: {out_dir: out, experiments: {default: paper}, scale_note: x,\n"
+                      "         calibration: {coco: {metric: ap_box, pretrained: coco, scratch: scratch_coco}}}\n")
+    checked, uri = stage.load_params(params)
     assert uri == f"sqlite:///{(tmp_path / 'store' / 'mlflow.db').resolve().as_posix()}"
-    assert checked.experiments == {"default": "paper"} and checked.pretrain_weights is None
+    assert checked.experiments == {"default": "paper"} and checked.pipelines["default"] == "metrics"
     for text, key in (("report: {out_dir: out, colour: red}", "colour"),
                       ("report: {out_dir: 3}", "report.out_dir"),
                       ("report: {experiments: {default: 1}}", "report.experiments.default"),
-                      ("report: {experiments: {extras: x}}", "extras"),
+                      ("report: {pipelines: {extras: x}}", "extras"),
+                      ("report: {bootstrap_resamples: 10}", "bootstrap_resamples"),
+                      ("report: {calibration: {coco: {metric: ap, pretrained: a, scratch: b}}}", "coco.metric"),
+                      ("report: {calibration: {mnist: {metric: top1, pretrained: a, scratch: b}}}", "mnist"),
                       ("tracking: {uri: 5}\nreport: {}", "tracking.uri")):
         params.write_text(text + "\n")
         with pytest.raises(ConfigError, match=key):
-            stage.load_params(params, root=tmp_path)
+            stage.load_params(params)
 
 
 def test_stage_writes_the_report(built: Mapping[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     stage = _stage_module()
+    monkeypatch.delenv("MIXMIM_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    pipelines = {role: str(built["root"] / folder) for role, folder in PIPELINES.items()}
     (tmp_path / "params.yaml").write_text(
         f"tracking: {{uri: '{built['uri']}'}}\n"
-        "report: {out_dir: reports, experiments: {default: default}, scale_note: tiny}\n")
-    assert stage.main(["--params", "params.yaml"]) == 0
+        f"report: {{out_dir: reports, experiments: {{default: default}}, scale_note: tiny,\n"
+        f"         pipelines: {json.dumps(pipelines)}, bootstrap_resamples: 1000}}\n")
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
     readme = (tmp_path / "reports" / "README.md").read_text()
     assert "mixing_reconstruction.png: not drawn (needs both pretrain_weights and sample_images" in readme
-    assert "- ablations: not given" in readme
     assert "skipped mixing_reconstruction.png" in capsys.readouterr().out
-    t6 = pd.read_csv(tmp_path / "reports" / "tables" / "table6_filling.csv", dtype=str, keep_default_na=False)
-    assert _row(t6, fill="zero")["top1 (ours)"] == "— (no 'ablations' experiment given to the report)"
+    assert (tmp_path / "reports" / "tables" / "table6_filling.csv").read_bytes() == (
+        built["out"] / "tables" / "table6_filling.csv").read_bytes()

@@ -1,13 +1,14 @@
-"""``build_report``: the paper's tables and figures regenerated from the runs in an MLflow store.
+"""``build_report``: the paper's tables and figures regenerated from the committed results.
 
-Everything is written into a hidden staging folder beside ``out_dir`` and moved into
-place only when the whole report is done (:func:`mixmim.data.builtin.staged_dir`), so a
-stage killed half-way leaves the previous report intact and never a half-written table.
+Tables are a function of the metrics JSON and per-image records of every pipeline
+(:mod:`.results`), so a fresh clone rebuilds them byte for byte. The MLflow store is
+read only for the loss curves (per-step histories). Everything is written into a hidden
+staging folder beside ``out_dir`` and moved into place only when the whole report is done
+(:func:`mixmim.data.builtin.staged_dir`), so a killed stage leaves the previous report.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,24 +17,31 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..data.builtin import staged_dir
+from ..stats import DEFAULT_RESAMPLES
 from . import figures as figs
+from .calibration import CalibrationEntry, calibration_table
 from .reconstruction import find_sample_images, fixed_mask, load_images, load_pretrainer, reconstruct_pairs
 from .render import write_table
-from .runs import ROLES, Run, RunIndex, load_runs, metric_history, stage_runs
-from .tables import Table, build_tables, image_size, paper_table
+from .results import MEASURES, Measure, Result, Results, load_results
+from .tables import Context, Table, _gflops, build_tables, paper_table
 
-__all__ = ["FIGURES", "Report", "build_report"]
+__all__ = ["FIGURES", "ROLES", "Report", "build_report"]
+
+ROLES = ("default", "ablations", "backbones")
 
 #: Figure file -> the README line saying what it shows.
 FIGURES: dict[str, str] = {
-    "figure2_flops_vs_top1.png": "Figure 2 (left): ImageNet top-1 vs GFLOPs, the paper's MixMIM and MAE models "
-                                 "with our pretrained and from-scratch runs on their own axis",
-    "figure2_flops_vs_coco_ap.png": "Figure 2 (middle): COCO AP box vs detector GFLOPs (paper, Table 4) with ours",
-    "figure2_flops_vs_ade_miou.png": "Figure 2 (right): ADE20K mIoU vs segmentor GFLOPs (paper, Table 4) with ours",
-    "pretrain_loss_curves.png": "pretraining loss per optimiser step of every pretraining run found "
-                                "(default, ablation variants, backbones)",
+    "figure2_flops_vs_top1.png": "Figure 2 (left): the paper's ImageNet top-1 vs GFLOPs (linear axis; MixMIM-B/L/H, "
+                                 "MAE ViT-B/L/H) and, in a separate panel, our pretrained and from-scratch runs "
+                                 "with 95% intervals",
+    "figure2_flops_vs_coco_ap.png": "Figure 2 (middle): the paper's COCO AP box vs detector GFLOPs (Table 4); ours in a "
+                                    "separate panel",
+    "figure2_flops_vs_ade_miou.png": "Figure 2 (right): the paper's ADE20K mIoU vs segmentor GFLOPs (Table 4); ours in "
+                                     "a separate panel",
+    "pretrain_loss_curves.png": "pretraining loss per step from MLflow, smoothed, one curve per variant (band: "
+                                "min-max over seeds), one panel per pipeline, with the predict-the-cell-mean level",
     "mixing_reconstruction.png": "Figures 1/3: pairs of images, their mixed input, and the pretrained model's "
-                                 "reconstruction of each (predicted cells only; visible cells from the input)",
+                                 "reconstruction of each (model output in the hidden cells only)",
 }
 
 
@@ -47,70 +55,90 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=None)
-def _gflops(model: str, img_size: int | None) -> float | None:
-    """Encoder+head GFLOPs as the paper counts them; None for a model the counter cannot build."""
-    from ..flops import model_info
-
-    try:
-        return model_info(model, img_size).gflops
-    except (ValueError, RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
-def _run_gflops(run: Run) -> float | None:
-    return _gflops(run.model, image_size(run)) if run.model else None
+def _ours(ctx: Context, items: list[tuple[str, list[Result]]], measure: Measure) -> list[figs.OursPoint]:
+    points = []
+    for label, group in items:
+        est = ctx.estimate(group, measure) if group else None
+        if est is not None:
+            points.append(figs.OursPoint(f"{label}\n(n={est.n_val or '?'}, {est.n_seeds} seed)", est.value,
+                                         est.low, est.high))
+    return points
 
 
-def _scale_words(run: Run) -> str:
-    return {"builtin": "built-in", "paper": "paper-scale"}.get(run.scale, run.scale or "our")
+def _scale_title(group: list[Result], what: str) -> str:
+    if not group:
+        return f"this suite: {what} (no run)"
+    r = group[0]
+    model = r.metrics.get("model", "model ?")
+    size = r.value("img_size")
+    return f"this suite at built-in scale: {what}, {model}" + (f" at {size:g} px" if size else "")
 
 
-def _top1_figure(index: RunIndex) -> Figure:
-    """Figure 2 (left): paper top-1 vs GFLOPs, with our pretrained and scratch ImageNet runs."""
+def _top1_figure(ctx: Context) -> Figure:
+    res = ctx.results
     paper = figs.paper_points(paper_table("figure2_scaling"), "flops_g", "top1", "method", "model")
-    ours, notes = [], []
-    for stage, marker, what in (("finetune", "*", "MixMIM-pretrained"), ("scratch", "X", "from scratch")):
-        run = index.find("default", stage, dataset="imagenet")
-        value = run.metric("final/top1") if run else None
-        gflops = _run_gflops(run) if run else None
-        if run is None or value is None or gflops is None:
-            continue
-        ours.append(figs.Point("ours", f"{run.model} {what}", gflops, value, marker))
-        notes.append(f"{run.model}: {gflops:.3g} GFLOPs at {image_size(run)} px")
-    dataset = "ImageNet-1K stand-in" if any(r.scale == "builtin" for r in index.select("default")) else "ImageNet-1K"
-    note = ("ours: encoder+head FLOPs counted by mixmim.flops (multiply-adds): " + "; ".join(dict.fromkeys(notes))
-            if notes else "")
-    return figs.scaling_figure(paper, ours, "Top-1 vs FLOPs", "ImageNet-1K top-1 (%) — paper",
-                               f"ours: top-1 on {dataset} (%)", note)
+    pre, scr = res.group("default", "finetune", "imagenet"), res.group("default", "scratch", "imagenet")
+    ours = _ours(ctx, [("MixMIM-pretrained", pre), ("from scratch", scr)], MEASURES["top1"])
+    note = ""
+    if pre:
+        img = pre[0].value("img_size")
+        gf = _gflops(str(pre[0].metrics.get("model", "")), int(img) if img else None)
+        note = f"ours: {pre[0].metrics.get('model')} counts {gf:.3g} GFLOPs (mixmim.flops)" if gf else ""
+    return figs.scaling_figure(paper, ours, "Figure 2 (left): top-1 vs FLOPs", "ImageNet-1K top-1 (%)",
+                               _scale_title(pre, "ImageNet stand-in"), "top-1 on the stand-in (%)", note)
 
 
-def _dense_figure(index: RunIndex, stage: str, metric: str, paper_x: str, paper_y: str, title: str,
-                  paper_label: str, ours_label: str) -> Figure:
-    """Figure 2 (middle/right): a dense task's paper points (Table 4) and our run."""
+def _dense_figure(ctx: Context, stage: str, measure: str, paper_x: str, paper_y: str, title: str, ylabel: str,
+                  what: str) -> Figure:
+    res = ctx.results
     paper = figs.paper_points(paper_table("table4_coco_ade20k"), paper_x, paper_y, "method", "backbone")
-    run = index.find("default", stage)
-    ours, note = [], ""
-    value = run.metric(metric) if run else None
-    if run is not None and value is not None:
-        gflops = run.metric("model/gflops")
-        source = f"{stage} model GFLOPs at {image_size(run)} px, as the run logged them"
-        if gflops is None:  # a run from before the dense engines logged their size
-            gflops, source = _run_gflops(run), "encoder-only GFLOPs at classification size (run logged no model/gflops)"
-        if gflops is not None:
-            ours.append(figs.Point("ours", f"{run.model} ({_scale_words(run)})", gflops, value * 100))
-            note = f"ours: {source}: {gflops:.3g}"
-    return figs.scaling_figure(paper, ours, title, paper_label, ours_label, note)
+    pre, scr = res.group("default", stage), res.group("default", "scratch", stage)
+    ours = _ours(ctx, [("MixMIM-pretrained", pre), ("from scratch", scr)], MEASURES[measure])
+    gf = pre[0].value("model_gflops") if pre else None
+    note = f"ours: the {stage} model counts {gf:.3g} GFLOPs at its input size" if gf is not None else ""
+    return figs.scaling_figure(paper, ours, title, ylabel, _scale_title(pre, what), f"{ylabel} on the stand-in",
+                               note)
 
 
-def _loss_curves(tracking_uri: str, index: RunIndex) -> list[figs.LossCurve]:
+def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs.LossCurve]:
+    """Per-step pretraining losses from MLflow, grouped by (pipeline, variant) with one history per seed."""
+    from .runs import metric_history, pretrain_runs
+
     curves = []
-    for run in stage_runs(index, "pretrain"):
-        points = metric_history(tracking_uri, run.run_id, "train/loss")
-        if points:
-            steps, values = zip(*points)
-            curves.append(figs.LossCurve(f"{run.role}: {run.variant or '?'} ({run.model})", steps, values, run.role))
-    return curves
+    for (role, variant), runs in pretrain_runs(tracking_uri, experiments).items():
+        seeds = []
+        for run_id in runs:
+            points = metric_history(tracking_uri, run_id, "train/loss")
+            if points:
+                steps, values = zip(*points)
+                seeds.append((steps, values))
+        if seeds:
+            curves.append(figs.LossCurve(variant or "?", seeds, role))
+    order = {role: i for i, role in enumerate(ROLES)}
+    return sorted(curves, key=lambda c: (order.get(c.group, len(order)), c.label != "default", c.label))
+
+
+def _missing_store(tracking_uri: str | None) -> str | None:
+    """Why a SQLite store cannot be read (the file does not exist: reading must not create it), else None."""
+    prefix = "sqlite:///"
+    if tracking_uri and tracking_uri.startswith(prefix):
+        path = Path(tracking_uri[len(prefix):].partition("?")[0])
+        if not path.is_file():
+            return f"no MLflow store at {path}"
+    return None
+
+
+def _baselines(results: Results) -> dict[str, float]:
+    """Each pipeline's predict-the-mean loss (its default variant's pretraining metrics), where recorded."""
+    out = {}
+    for role in ROLES:
+        for key in ("", "default"):
+            values = [r.value("mean_loss_baseline") for r in results.group(role, "pretrain", key)]
+            values = [v for v in values if v is not None]
+            if values:
+                out[role] = sum(values) / len(values)
+                break
+    return out
 
 
 def _mixing_figure(weights: Path, images: Path) -> Figure:
@@ -123,23 +151,23 @@ def _mixing_figure(weights: Path, images: Path) -> Figure:
     return figs.mixing_figure(views, caption)
 
 
-def _readme(tables: list[Table], drawn: list[str], skipped: Mapping[str, str], index: RunIndex,
+def _readme(tables: list[Table], drawn: list[str], skipped: Mapping[str, str], results: Results,
             scale_note: str) -> str:
-    """The report's index: one line per table and figure, the scale note and what was read."""
     lines = ["# MixMIM reproduction report", "",
-             "Generated by `stages/report.py` (`mixmim.report.build_report`) from the MLflow runs; "
-             "regenerate rather than edit.", ""]
+             "Generated by `stages/report.py` (`mixmim.report.build_report`) from the committed metrics JSON and "
+             "per-image records of every pipeline; regenerate rather than edit. Tables do not read MLflow; "
+             "only the loss-curve figure does.", ""]
     lines += ["## Scale", "", scale_note.strip() or "(no scale note given)", ""]
-    lines += ["Experiments read (finished runs; the latest run of each stage/variant/dataset counts):", ""]
-    for role in ROLES:
-        if role in index.experiments:
-            count = len(index.select(role))
-            lines.append(f"- {role}: experiment `{index.experiments[role]}`, {count} run(s) used")
-        else:
-            lines.append(f"- {role}: not given")
-    lines += ["", "Columns `X (paper)` hold the paper's numbers as printed; `X (ours)` this suite's measured "
-              "value, or `—` with the reason it is missing; `scale (ours)` says what ran (data, model, input "
-              "size, budget). Top-1 is the final epoch's; COCO AP and ADE20K mIoU are shown in percent.", ""]
+    lines += ["Results read (one metrics file per stage and seed):", ""]
+    for role, folder in results.pipelines.items():
+        count = len([r for r in results.all if r.role == role])
+        lines.append(f"- {role}: `{folder}`, {count} result file(s)")
+    lines += ["", "Policy: every value is the last epoch's (never the best epoch's). Columns `<m>_paper` hold the "
+              "paper's numbers as printed; `<m>_ours` this suite's value with its 95% interval "
+              "(`_ci_low`/`_ci_high` in the CSV, in brackets in Markdown/LaTeX), `n_val` validation images and "
+              "`n_seeds` seeds; `— (reason)` when missing. Comparisons carry a paired-test p-value and "
+              "`resolved` (yes/no at 5%). COCO AP and ADE20K mIoU are in percent. Which paper row each run "
+              "stands beside, and why: [run_mapping](tables/run_mapping.md).", ""]
     lines += ["## Tables", ""]
     for table in tables:
         stem = f"tables/{table.key}"
@@ -153,67 +181,76 @@ def _readme(tables: list[Table], drawn: list[str], skipped: Mapping[str, str], i
     return "\n".join(lines) + "\n"
 
 
-def _check_inputs(experiments: Mapping[str, str], pretrain_weights: Path | None, sample_images: Path | None) -> None:
-    unknown = sorted(set(experiments) - set(ROLES))
+def build_tables_from(pipelines: Mapping[str, str], root: str | os.PathLike[str] = ".",
+                      calibration: Mapping[str, CalibrationEntry] | None = None,
+                      resamples: int = DEFAULT_RESAMPLES) -> tuple[list[Table], Results]:
+    """Every table (the paper's, the calibration table, the run mapping) from the results on disk."""
+    unknown = sorted(set(pipelines) - set(ROLES))
     if unknown:
-        raise ValueError(f"experiments: unknown role {unknown[0]!r}; expected some of {list(ROLES)}")
-    for role, name in experiments.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"experiments.{role}={name!r}: expected an experiment name")
-    if pretrain_weights is not None and not Path(pretrain_weights).is_file():
-        raise FileNotFoundError(f"pretrain_weights: {pretrain_weights} is not a file")
-    if sample_images is not None and not Path(sample_images).is_dir():
-        raise FileNotFoundError(f"sample_images: {sample_images} is not a folder")
+        raise ValueError(f"pipelines: unknown role {unknown[0]!r}; expected some of {list(ROLES)}")
+    results = load_results(pipelines, root)
+    tables = build_tables(results, resamples, extra=[lambda ctx: calibration_table(ctx, calibration)])
+    return tables, results
 
 
 def build_report(
-    tracking_uri: str,
-    experiments: Mapping[str, str],
+    pipelines: Mapping[str, str],
     out_dir: str | os.PathLike[str] = "reports",
+    root: str | os.PathLike[str] = ".",
+    calibration: Mapping[str, CalibrationEntry] | None = None,
+    tracking_uri: str | None = None,
+    experiments: Mapping[str, str] | None = None,
     pretrain_weights: str | os.PathLike[str] | None = None,
     sample_images: str | os.PathLike[str] | None = None,
     scale_note: str = "",
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> Report:
-    """Write ``out_dir/{tables,figures,README.md}`` from the finished runs of ``experiments``.
+    """Write ``out_dir/{tables,figures,README.md}``.
 
-    ``experiments`` maps a role (``default``, ``ablations``, ``backbones``) to the MLflow
-    experiment that pipeline logged to; a role left out is reported as not run. The
-    reconstruction figure needs both ``pretrain_weights`` (a pretraining checkpoint) and
-    ``sample_images`` (a folder of images); without them it is skipped and the README
-    says so. The previous contents of ``out_dir`` are replaced as a whole.
+    ``pipelines`` maps a role (``default``, ``ablations``, ``backbones``) to its metrics
+    folder (relative to ``root``). The loss curves need ``tracking_uri`` and ``experiments``
+    (role -> MLflow experiment); the reconstruction figure needs ``pretrain_weights`` and
+    ``sample_images``. A figure whose inputs are missing is skipped and the README says why.
     """
     weights = Path(pretrain_weights) if pretrain_weights is not None else None
     images = Path(sample_images) if sample_images is not None else None
-    _check_inputs(experiments, weights, images)
-    index = load_runs(tracking_uri, experiments)
-    tables = build_tables(index)
+    tables, results = build_tables_from(pipelines, root, calibration, resamples)
+    ctx = Context(results, resamples)
     out = Path(out_dir)
     report = Report(out)
     drawn: list[str] = []
-    with staged_dir(out) as root:
+    with staged_dir(out) as staging:
         for table in tables:
-            written = write_table(table.frame, root / "tables", table.key, table.title)
-            report.tables += [out / p.relative_to(root) for p in written]
+            written = write_table(table.frame, staging / "tables", table.key, table.title, table.notes)
+            report.tables += [out / p.relative_to(staging) for p in written]
         plots = {
-            "figure2_flops_vs_top1.png": lambda: _top1_figure(index),
+            "figure2_flops_vs_top1.png": lambda: _top1_figure(ctx),
             "figure2_flops_vs_coco_ap.png": lambda: _dense_figure(
-                index, "coco", "final/ap_box", "coco_flops_g", "ap_box", "COCO AP box vs FLOPs",
-                "COCO AP box — paper", "ours: AP box (%)"),
+                ctx, "coco", "ap_box", "coco_flops_g", "ap_box", "Figure 2 (middle): COCO AP box vs FLOPs",
+                "AP box (%)", "COCO stand-in, Mask R-CNN"),
             "figure2_flops_vs_ade_miou.png": lambda: _dense_figure(
-                index, "ade20k", "final/miou", "ade_flops_g", "miou", "ADE20K mIoU vs FLOPs",
-                "ADE20K mIoU — paper", "ours: mIoU (%)"),
-            "pretrain_loss_curves.png": lambda: figs.loss_curves_figure(_loss_curves(tracking_uri, index)),
+                ctx, "ade20k", "miou", "ade_flops_g", "miou", "Figure 2 (right): ADE20K mIoU vs FLOPs", "mIoU (%)",
+                "ADE20K stand-in, UperNet"),
         }
-        if weights is not None and images is not None:
+        store = _missing_store(tracking_uri)
+        if tracking_uri and experiments and store is None:
+            plots["pretrain_loss_curves.png"] = lambda: figs.loss_curves_figure(
+                _loss_curves(tracking_uri, experiments), _baselines(results))
+        else:
+            report.skipped["pretrain_loss_curves.png"] = store or "needs an MLflow tracking_uri and experiments"
+        if weights is not None and images is not None and weights.is_file() and images.is_dir():
             plots["mixing_reconstruction.png"] = lambda: _mixing_figure(weights, images)
+        elif weights is not None and images is not None:
+            report.skipped["mixing_reconstruction.png"] = (
+                f"{weights} is not a file" if not weights.is_file() else f"{images} is not a folder")
         else:
             given = [name for name, value in (("pretrain_weights", weights), ("sample_images", images)) if value]
             report.skipped["mixing_reconstruction.png"] = (
                 f"needs both pretrain_weights and sample_images; given: {', '.join(given) or 'neither'}")
         for name, draw in plots.items():
-            figs.save(draw(), root / "figures" / name)
+            figs.save(draw(), staging / "figures" / name)
             drawn.append(name)
             report.figures.append(out / "figures" / name)
-        (root / "README.md").write_text(_readme(tables, drawn, report.skipped, index, scale_note), encoding="utf-8")
+        (staging / "README.md").write_text(_readme(tables, drawn, report.skipped, results, scale_note),
+                                           encoding="utf-8")
     return report
-

@@ -4,10 +4,10 @@
 pyplot, so the report works on headless machines and never changes the backend of a
 process that imported it (a notebook, a test session).
 
-Figure 2 of the paper plots FLOPs against accuracy. This suite's runs usually sit far
-from the paper's points (a 64-px CPU model has a thousandth of MixMIM-B's FLOPs and is
-scored on stand-in data), so the x axis is logarithmic and our values get their own
-y axis on the right: the two are not comparable, and a shared axis would pretend they are.
+Figure 2 of the paper plots FLOPs (linear axis) against accuracy. The paper's points are
+drawn as the paper draws them, in their own panel; this suite's runs (a CPU-size model on
+stand-in data) go in a separate panel titled with their scale, never on an axis shared
+with the paper's numbers, because the two are not comparable.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from .reconstruction import PairView
 
-__all__ = ["LossCurve", "Point", "loss_curves_figure", "mixing_figure", "save", "scaling_figure"]
+__all__ = ["LossCurve", "OursPoint", "Point", "loss_curves_figure", "mixing_figure", "save", "scaling_figure",
+           "smooth"]
 
 PAPER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
 OURS_COLOUR = "tab:red"
@@ -37,23 +38,32 @@ class Point:
     label: str
     gflops: float
     value: float
-    marker: str = "*"
+    marker: str = "o"
+
+
+@dataclass(frozen=True)
+class OursPoint:
+    """One result of this suite with its 95% interval (NaN bounds: none)."""
+
+    label: str
+    value: float
+    low: float = float("nan")
+    high: float = float("nan")
 
 
 @dataclass(frozen=True)
 class LossCurve:
-    """One run's loss history; curves of one ``group`` (pipeline) share a line style."""
+    """A variant's loss histories, one (steps, values) pair per seed; ``group`` is its pipeline."""
 
     label: str
-    steps: Sequence[int]
-    values: Sequence[float]
+    seeds: Sequence[tuple[Sequence[int], Sequence[float]]]
     group: str = ""
 
 
 def save(fig: Figure, path: Path) -> Path:
     """Write a figure as PNG (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, metadata={"Software": None})
     return path
 
 
@@ -68,72 +78,95 @@ def paper_points(frame: pd.DataFrame, x: str, y: str, series: str, label: str) -
     return points
 
 
-def scaling_figure(paper: Sequence[Point], ours: Sequence[Point], title: str, paper_ylabel: str,
-                   ours_ylabel: str, note: str = "") -> Figure:
-    """Paper points per method (lines, left axis) and ours (red markers, right axis) over log GFLOPs."""
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    handles: list[Line2D] = []
+def scaling_figure(paper: Sequence[Point], ours: Sequence[OursPoint], title: str, paper_ylabel: str,
+                   ours_title: str, ours_ylabel: str, note: str = "") -> Figure:
+    """Left: the paper's methods over a linear GFLOPs axis. Right: this suite's results (own axes, intervals)."""
+    fig = Figure(figsize=(11.0, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[1.6, 1.0])
     for k, series in enumerate(dict.fromkeys(p.series for p in paper)):
         pts = sorted((p for p in paper if p.series == series), key=lambda p: p.gflops)
         colour = PAPER_COLOURS[k % len(PAPER_COLOURS)]
-        (line,) = ax.plot([p.gflops for p in pts], [p.value for p in pts], marker="o", color=colour,
-                          label=f"{series} (paper)")
-        handles.append(line)
+        left.plot([p.gflops for p in pts], [p.value for p in pts], marker="o", color=colour, label=series)
         for p in pts:
-            ax.annotate(p.label, (p.gflops, p.value), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=colour)
-    ax.set_xlabel("GFLOPs (log scale)")
-    ax.set_ylabel(paper_ylabel)
-    ax.grid(True, which="both", alpha=0.25)
-    right = ax.twinx()
-    right.set_ylabel(ours_ylabel, color=OURS_COLOUR)
-    right.tick_params(axis="y", colors=OURS_COLOUR)
-    for p in ours:
-        (mark,) = right.plot([p.gflops], [p.value], linestyle="none", marker=p.marker, markersize=13,
-                             color=OURS_COLOUR, markerfacecolor=OURS_COLOUR if p.marker == "*" else "none",
-                             label=f"ours: {p.label}")
-        handles.append(mark)
-        right.annotate(f"{p.label}\n{p.value:.1f}", (p.gflops, p.value), textcoords="offset points",
-                       xytext=(8, -4), fontsize=7, color=OURS_COLOUR)
-    if ours:
-        values = [p.value for p in ours]
-        low, high = min(values), max(values)
-        pad = max(2.0, 0.15 * (high - low))
-        right.set_ylim(low - pad, high + pad)
-    else:
-        right.set_yticks([])
-        ax.text(0.02, 0.04, "no run of ours to plot", transform=ax.transAxes, color=OURS_COLOUR, fontsize=8)
-    xs = [p.gflops for p in [*paper, *ours] if p.gflops > 0]
+            left.annotate(p.label, (p.gflops, p.value), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                          color=colour)
+    xs = [p.gflops for p in paper]
     if xs:
-        ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
-    # Legend and note outside the axes: our points and the paper's can sit anywhere inside.
-    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=min(4, max(1, len(handles))))
+        left.set_xlim(0, max(xs) * 1.12)
+    left.set_xlabel("GFLOPs (linear scale)")
+    left.set_ylabel(paper_ylabel)
+    left.grid(True, alpha=0.25)
+    left.legend(fontsize=8, loc="best")
+    left.set_title("the paper's numbers", fontsize=9)
+    if ours:
+        xpos = np.arange(len(ours))
+        values = np.array([p.value for p in ours])
+        lows = np.array([p.low for p in ours])
+        highs = np.array([p.high for p in ours])
+        has = ~(np.isnan(lows) | np.isnan(highs))
+        right.errorbar(xpos[has], values[has], yerr=[values[has] - lows[has], highs[has] - values[has]], fmt="o",
+                       color=OURS_COLOUR, capsize=5, markersize=7, label="value, 95% interval")
+        if (~has).any():
+            right.plot(xpos[~has], values[~has], "x", color=OURS_COLOUR, markersize=8, label="value (no interval)")
+        for x, p in zip(xpos, ours):
+            right.annotate(f"{p.value:.1f}", (x, p.value), textcoords="offset points", xytext=(8, -3), fontsize=8,
+                           color=OURS_COLOUR)
+        right.set_xticks(xpos, [p.label for p in ours], fontsize=8)
+        right.set_xlim(-0.6, len(ours) - 0.4)
+        right.legend(fontsize=7, loc="best")
+    else:
+        right.text(0.5, 0.5, "no result of ours to plot", transform=right.transAxes, ha="center", va="center")
+        right.set_xticks([])
+    right.set_ylabel(ours_ylabel, color=OURS_COLOUR)
+    right.grid(True, axis="y", alpha=0.25)
+    right.set_title(ours_title, fontsize=8, color=OURS_COLOUR, wrap=True)
     fig.suptitle(title, fontsize=10)
     if note:
-        ax.set_title(note, fontsize=6.5, color="dimgray", wrap=True)
+        right.set_xlabel(note, fontsize=7, color="dimgray")
     return fig
 
 
-def loss_curves_figure(curves: Sequence[LossCurve], title: str = "Pretraining loss (train/loss per step)") -> Figure:
-    """Every pretraining run's per-step loss on one axis: a colour per run, a line style per pipeline."""
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
-    styles = dict(zip(dict.fromkeys(c.group for c in curves), ("-", "--", ":", "-.")))
-    for k, curve in enumerate(curves):
-        ax.plot(curve.steps, curve.values, color=cmap(k % cmap.N), linestyle=styles.get(curve.group, "-"),
-                linewidth=1.2, label=curve.label)
-    if curves:
-        ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1, loc="upper right")
-    else:
-        ax.text(0.5, 0.5, "no pretraining run with a train/loss history", transform=ax.transAxes,
-                ha="center", va="center")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("reconstruction loss (normalised pixels)")
-    ax.grid(True, alpha=0.25)
-    ax.set_title(title, fontsize=10)
+def smooth(values: Sequence[float], fraction: float = 0.05) -> np.ndarray:
+    """A centred moving average over ``fraction`` of the series (at least one point)."""
+    v = np.asarray(values, dtype=np.float64)
+    window = max(1, int(round(len(v) * fraction)))
+    return pd.Series(v).rolling(window, min_periods=1, center=True).mean().to_numpy()
+
+
+def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] | None = None,
+                       title: str = "Pretraining loss per optimiser step (smoothed)") -> Figure:
+    """One panel per pipeline, one smoothed curve per variant (mean over seeds, band = min-max over seeds),
+    and the predict-the-mean loss of that pipeline's data as a dashed level."""
+    baselines = dict(baselines or {})
+    groups = list(dict.fromkeys(c.group for c in curves)) or [""]
+    fig = Figure(figsize=(5.2 * len(groups), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, group in zip(axes, groups):
+        members = [c for c in curves if c.group == group]
+        cmap = matplotlib.colormaps["tab10" if len(members) <= 10 else "tab20"]
+        for k, curve in enumerate(members):
+            steps = sorted(set.intersection(*(set(s) for s, _ in curve.seeds))) if curve.seeds else []
+            if not steps:
+                continue
+            stack = np.array([smooth([dict(zip(s, v))[t] for t in steps]) for s, v in curve.seeds])
+            colour = cmap(k % cmap.N)
+            label = curve.label + (f" ({len(curve.seeds)} seeds)" if len(curve.seeds) > 1 else "")
+            ax.plot(steps, stack.mean(0), color=colour, linewidth=1.3, label=label)
+            if len(curve.seeds) > 1:
+                ax.fill_between(steps, stack.min(0), stack.max(0), color=colour, alpha=0.2, linewidth=0)
+        if group in baselines:
+            ax.axhline(baselines[group], color="black", linestyle="--", linewidth=1.0,
+                       label=f"predict-the-mean baseline: {baselines[group]:.3f}")
+        if members:
+            ax.legend(fontsize=6.5, ncol=2 if len(members) > 8 else 1, loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "no pretraining run with a train/loss history", transform=ax.transAxes,
+                    ha="center", va="center")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("reconstruction loss (normalised pixels)")
+        ax.grid(True, alpha=0.25)
+        ax.set_title(f"{group} pipeline" if group else "", fontsize=9)
+    fig.suptitle(title + "; band: min-max over seeds", fontsize=10)
     return fig
 
 
@@ -161,7 +194,8 @@ def mixing_figure(views: Sequence[PairView], caption: str = "") -> Figure:
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=7)
-    if caption:
-        fig.suptitle(caption, fontsize=8)
+    explain = ("Reconstructions: the hidden cells are model output (per-cell normalised pixels, rescaled by the "
+               "mean and spread of\nthe cells of that image the model was given); every other cell is the input.")
+    fig.suptitle(f"{caption}\n{explain}" if caption else explain, fontsize=7.5)
     return fig
 

@@ -1,11 +1,13 @@
 """What the pretrained model sees and what it reconstructs (the pictures of the paper's Figures 1 and 3).
 
 The pretrainer predicts, for every mask cell, pixels normalised by that cell's own mean
-and standard deviation (``norm_pix_loss``). To show a reconstruction as an image, each
-predicted cell is unnormalised with the statistics of the target image's cell, and, as
-MAE's visualisations do, only the cells a branch actually predicts are pasted; the cells
-it could see are kept from the input, so the picture shows the model's work and nothing
-it was given.
+and standard deviation (``norm_pix_loss``): its output carries no cell mean or contrast.
+To show a reconstruction as an image, each predicted cell is rescaled with the mean and
+standard deviation of the cells of the same image that the model was given (its visible
+cells), never with the hidden target cell's own statistics; so every structure inside a
+predicted cell is model output, and the predicted cells share one brightness and contrast
+taken from the model's input. As in MAE's visualisations only the cells a branch predicts
+are pasted; the visible cells are the input itself.
 
 Cell bookkeeping (see :func:`mixmim.models.pretrain.reconstruction_loss`): the mixed
 input ``i`` holds image ``i`` where ``mask == 0`` and its partner ``B-1-i`` where
@@ -125,15 +127,25 @@ def cell_mask_pixels(mask: Tensor, grid: tuple[int, int], cell: int) -> Tensor:
     return m.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
 
 
-def unnormalise_cells(pred: Tensor, target: Tensor, cell: int, norm_pix: bool) -> Tensor:
-    """Predicted cells (L, cell*cell*3) in the target image's (normalised-input) pixel space.
+def unnormalise_cells(pred: Tensor, target: Tensor, cell: int, norm_pix: bool,
+                      visible: Tensor | None = None) -> Tensor:
+    """Predicted cells (L, cell*cell*3) in the image's (normalised-input) pixel space.
 
-    The statistics are those of :func:`mixmim.models.pretrain.pixel_targets` (per-cell mean
-    and unbiased variance + 1e-6), so a perfect prediction returns the target exactly.
+    Without ``visible`` each cell is rescaled with the target cell's own statistics (those
+    of :func:`mixmim.models.pretrain.pixel_targets`: mean and unbiased variance + 1e-6), so
+    a perfect prediction returns the target exactly; that uses the answer and is for
+    checks only. With ``visible`` ((L,) 1 = a cell the model was given) every cell is
+    rescaled with the mean and spread of the visible cells' pixels pooled: only what the
+    model saw of this image.
     """
     if not norm_pix:
         return pred
     cells = patchify(target.unsqueeze(0), cell)[0]
+    if visible is not None:
+        seen = cells[visible.reshape(-1) > 0]
+        if seen.numel() == 0:
+            raise ValueError("unnormalise_cells: no visible cell to take statistics from")
+        return pred * seen.std() + seen.mean()
     mean = cells.mean(dim=-1, keepdim=True)
     var = cells.var(dim=-1, keepdim=True)
     return pred * (var + 1.0e-6) ** 0.5 + mean
@@ -164,11 +176,11 @@ def reconstruct_pairs(model: torch.nn.Module, imgs: Tensor, mask: Tensor) -> lis
     views = []
     for i in range(b // 2):
         j = b - 1 - i
-        a_cells = unnormalise_cells(pred[i], imgs[i], cell, norm_pix)
+        a_cells = unnormalise_cells(pred[i], imgs[i], cell, norm_pix, visible=1 - m)
         recon_a = paste(imgs[i], a_cells, m, cell, grid)
         recon_b = None
         if pred.shape[0] == 2 * b:
-            b_cells = unnormalise_cells(pred[b + i], imgs[j], cell, norm_pix)
+            b_cells = unnormalise_cells(pred[b + i], imgs[j], cell, norm_pix, visible=m)
             recon_b = to_display(paste(imgs[j], b_cells, 1 - m, cell, grid))
         filler = imgs[j] if mixes else torch.zeros_like(imgs[i])  # zero in normalised space: mean grey
         mixed = imgs[i] * (1 - pix) + filler * pix

@@ -69,11 +69,31 @@ def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(frame: pd.DataFrame, folder: Path, stem: str, title: str) -> list[Path]:
-    """``<stem>.md`` (titled), ``<stem>.csv`` and ``<stem>.tex`` in ``folder``; returns the paths."""
+def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """For reading: every column ``C`` with ``C_ci_low``/``C_ci_high`` siblings shows ``value (low–high)``."""
+    out = frame.copy()
+    for column in list(frame.columns):
+        low, high = f"{column}_ci_low", f"{column}_ci_high"
+        if low in frame.columns and high in frame.columns:
+            merged = []
+            for value, lo, hi in zip(frame[column], frame[low], frame[high]):
+                value = "" if pd.isna(value) else str(value)
+                lo = "" if pd.isna(lo) else str(lo)
+                hi = "" if pd.isna(hi) else str(hi)
+                merged.append(f"{value} ({lo}–{hi})" if lo and hi else value)
+            out[column] = merged
+            out = out.drop(columns=[low, high])
+    return out
+
+
+def write_table(frame: pd.DataFrame, folder: Path, stem: str, title: str, notes: tuple[str, ...] = ()) -> list[Path]:
+    """``<stem>.csv`` (every column), ``<stem>.md`` (titled, intervals merged, notes below) and ``<stem>.tex``."""
     folder.mkdir(parents=True, exist_ok=True)
     md, csv, tex = folder / f"{stem}.md", folder / f"{stem}.csv", folder / f"{stem}.tex"
-    md.write_text(f"# {title}\n\n{to_markdown(frame)}", encoding="utf-8")
-    frame.to_csv(csv, index=False)
-    tex.write_text(to_latex(frame, caption=title, label=f"tab:{stem}"), encoding="utf-8")
+    shown = display_frame(frame)
+    below = "".join(f"\n{note}\n" for note in notes)
+    md.write_text(f"# {title}\n\n{to_markdown(shown)}{below}", encoding="utf-8")
+    frame.to_csv(csv, index=False, lineterminator="\n")
+    caption = title + ("" if not notes else ". " + " ".join(notes))
+    tex.write_text(to_latex(shown, caption=caption, label=f"tab:{stem}"), encoding="utf-8")
     return [md, csv, tex]

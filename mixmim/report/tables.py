@@ -1,35 +1,43 @@
 """The paper's tables, each row with the paper's value and this suite's measured value side by side.
 
-Every builder takes a :class:`~mixmim.report.runs.RunIndex` and returns a :class:`Table`
-of display strings, so what a reader sees in Markdown, CSV and LaTeX is the same. The
-conventions, chosen so a table can never overstate what was run:
+Every builder is a pure function of the committed results (:class:`~.results.Results`:
+metrics JSON and per-image records of every pipeline) and returns a :class:`Table` whose
+CSV columns are machine-readable and whose Markdown/LaTeX merge each value with its
+interval. Conventions, applied the same way in every table:
 
-* ``X (paper)`` is the paper's number as printed (``mixmim/report/paper/*.csv``);
-  ``X (ours)`` is the measured value, or ``— (reason)`` saying why there is none.
-* Our run is placed on the paper row it stands in for: the row whose backbone matches
-  the model that ran (``mixmim_base`` -> MixMIM-B), else the family's first row (the
-  smallest model, e.g. MixMIM-B for a ``mixmim_tiny`` run at built-in scale). The
-  ``scale (ours)`` column says what actually ran, so a stand-in is never mistaken for
-  the paper's configuration.
-* Classification values are ``final/top1`` (percent). COCO AP and ADE20K mIoU are
-  logged as fractions and shown as percent, as the paper prints them.
+* ``<m>_paper`` is the paper's number as printed (``mixmim/report/paper/*.csv``);
+  ``<m>_ours`` is the suite's value (mean over seeds, or the single run's value) with its
+  95% interval in ``<m>_ours_ci_low`` / ``<m>_ours_ci_high`` and the sample behind it in
+  ``<m>_n_val`` (validation images) and ``<m>_n_seeds``; a missing value is ``— (reason)``.
+* Every comparison a table makes (ablation vs the default variant, pretrained vs scratch,
+  backbone vs its scratch) has ``<m>_diff_vs_<ref>``, ``<m>_p_vs_<ref>`` (paired test on the
+  shared validation images) and ``<m>_resolved_vs_<ref>`` (yes/no at 5%).
+* Runs stand beside paper rows by one rule (:func:`place_budget`, listed in the
+  ``run_mapping`` table): same configuration, and budgets matched by their ratio to the
+  setting's default (ours: the pipeline's default pretraining budget; the paper's: 600
+  epochs for the main results, section 3; 300 for the ablations, section 5).
+* Reported values are the last epoch's (never the best epoch's).
+* Size columns say whose count they show (``GFLOPs (paper's model)`` vs ``GFLOPs (our model)``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from .runs import Run, RunIndex
+from ..stats import DEFAULT_RESAMPLES
+from .results import MEASURES, Comparison, Estimate, Measure, Result, Results, chance_level, compare, estimate
 
 __all__ = [
-    "PAPER_TABLES", "Table", "build_tables", "missing", "paper_backbone", "paper_table", "scale_label",
+    "DASH", "PAPER_TABLES", "Context", "Table", "build_tables", "missing", "paper_backbone", "paper_table",
+    "place_budget",
 ]
 
 DASH = "—"
@@ -46,33 +54,64 @@ PAPER_TABLES: dict[str, tuple[str, str]] = {
     "table5_cls_transfer": ("Table 5: transfer to iNaturalist 2018/2019 and Places205/365",
                             "top-1 of the MixMIM-pretrained encoder finetuned on each classification set"),
     "table6_filling": ("Table 6: filling the masked tokens",
-                       "ablation of what fills an image's masked cells (top-1, mIoU)"),
+                       "ablation of what fills an image's masked cells"),
     "table7_dual": ("Table 7: dual reconstruction", "reconstructing both mixed images vs only one"),
     "table8_masking": ("Table 8: masking strategy", "random vs block masks and random mask-ratio ranges"),
-    "table9_epochs": ("Table 9: pretraining epochs", "top-1 and mIoU as pretraining gets longer"),
+    "table9_epochs": ("Table 9: pretraining epochs", "results as pretraining gets longer"),
     "table10_unmixing": ("Table 10: unmixing the two images in the encoder",
                          "masked self-attention vs mix embedding vs no unmixing"),
     "table13_convnets": ("Table 13: MixMIM on convolutional networks",
                          "BiT-style ResNets: MixMIM pretraining vs supervised training"),
 }
 
-PRETRAINED_VS_SCRATCH = ("pretrained_vs_scratch", "Pretrained vs from scratch (default pipeline)",
-                         "the same encoder finetuned with the same budget, from MixMIM pretraining and from "
-                         "random initialisation")
-
 CLS_TRANSFER = (("inat2018", "iNat18"), ("inat2019", "iNat19"), ("places205", "Places205"),
                 ("places365", "Places365"))
-CLS_DATASETS = ("imagenet",) + tuple(name for name, _ in CLS_TRANSFER)
+
+#: The paper's default pretraining budget per setting (main results: section 3; ablations: section 5).
+PAPER_DEFAULT_EPOCHS = {"main": 600, "ablations": 300}
 
 
 @dataclass(frozen=True)
 class Table:
-    """A finished table: the file stem it is written under, its title and README line."""
+    """A finished table: file stem, title, README line, the CSV frame and notes (n, chance, tests)."""
 
     key: str
     title: str
     description: str
     frame: pd.DataFrame
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Context:
+    """The results every table reads, the bootstrap size, and the run -> paper row mapping collected."""
+
+    results: Results
+    resamples: int = DEFAULT_RESAMPLES
+    mapping: list[dict[str, str]] = field(default_factory=list)
+
+    @functools.cached_property
+    def _cache(self) -> dict[Any, Any]:
+        return {}
+
+    def estimate(self, group: list[Result], measure: Measure) -> Estimate | None:
+        key = ("e", tuple(str(r.path) for r in group), measure.key)
+        if key not in self._cache:
+            self._cache[key] = estimate(group, measure, self.resamples)
+        return self._cache[key]
+
+    def compare(self, a: list[Result], b: list[Result], measure: Measure) -> Comparison:
+        key = ("c", tuple(str(r.path) for r in a), tuple(str(r.path) for r in b), measure.key)
+        if key not in self._cache:
+            self._cache[key] = compare(a, b, measure, self.resamples)
+        return self._cache[key]
+
+    def record(self, table: str, role: str, run: str, group: list[Result], budget: str, row: str, why: str) -> None:
+        seeds = ",".join(str(r.seed) for r in group) if group else ""
+        entry = {"table": table, "pipeline": role, "run": run, "seeds": seeds, "budget (ours)": budget,
+                 "paper row": row, "why": why}
+        if entry not in self.mapping:
+            self.mapping.append(entry)
 
 
 # --------------------------------------------------------------------------- paper data
@@ -85,146 +124,108 @@ def paper_table(stem: str) -> pd.DataFrame:
         return pd.read_csv(handle, dtype=str, keep_default_na=False)
 
 
-# --------------------------------------------------------------------------- cells
-
-
 def missing(reason: str) -> str:
     """The cell of a value that was not measured, saying why."""
     return f"{DASH} ({reason})"
 
 
-def percent(value: float | None, reason: str, scale: float = 1.0) -> str:
-    """A measured percentage with one decimal, as the paper prints them, or a missing cell."""
-    if value is None or math.isnan(value):
-        return missing(reason)
-    return f"{value * scale:.1f}"
+def _fmt(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
-def _magnitude(value: Any) -> str:
-    """A size (GFLOPs, M params) with the precision its magnitude needs: 701, 35.8, 0.0873."""
-    v = float(value)
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.3g}"
+# --------------------------------------------------------------------------- cells
 
 
-def _same(a: str, b: float | None, tol: float = 1e-6) -> bool:
-    """Whether a printed paper number equals a logged one (both as floats)."""
-    try:
-        return b is not None and abs(float(a) - b) <= tol
-    except ValueError:
-        return False
+def ours_cells(ctx: Context, prefix: str, group: list[Result], measure: Measure, why: str) -> dict[str, str]:
+    """``<prefix>_ours``, its interval, n_val and n_seeds (``— (why)`` when the variant did not run)."""
+    est = ctx.estimate(group, measure) if group else None
+    if est is None:
+        reason = why if not group else f"no {measure.key} in {group[0].path.name}"
+        return {f"{prefix}_ours": missing(reason), f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
+                f"{prefix}_n_val": "", f"{prefix}_n_seeds": ""}
+    return {f"{prefix}_ours": est.cell(), f"{prefix}_ours_ci_low": _fmt(est.low),
+            f"{prefix}_ours_ci_high": _fmt(est.high), f"{prefix}_n_val": str(est.n_val or ""),
+            f"{prefix}_n_seeds": str(est.n_seeds)}
 
 
-# --------------------------------------------------------------------------- scale
+def versus_cells(ctx: Context, prefix: str, ref: str, a: list[Result], b: list[Result],
+                 measure: Measure) -> dict[str, str]:
+    """Difference, paired-test p-value and resolved flag of ``a`` against ``b`` (``ref`` names ``b``)."""
+    test = ctx.compare(a, b, measure)
+    return {f"{prefix}_diff_vs_{ref}": test.diff_cell(), f"{prefix}_p_vs_{ref}": test.p_cell(),
+            f"{prefix}_resolved_vs_{ref}": test.resolved}
 
 
-_SCALE_DATA = {"builtin": "built-in data", "paper": "paper data"}
-_SCALE_PHRASE = {"builtin": "built-in scale", "paper": "paper scale"}
+def blank_cells(prefix: str, text: str, ref: str | None = None) -> dict[str, str]:
+    cells = {f"{prefix}_ours": text, f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
+             f"{prefix}_n_val": "", f"{prefix}_n_seeds": ""}
+    if ref:
+        cells.update({f"{prefix}_diff_vs_{ref}": "", f"{prefix}_p_vs_{ref}": "", f"{prefix}_resolved_vs_{ref}": ""})
+    return cells
 
 
-def scale_phrase(run: Run | None) -> str:
-    """'built-in scale' / 'paper scale': the words for why a bigger model is absent."""
-    if run is None:
-        return "this suite's scale"
-    return _SCALE_PHRASE.get(run.scale, f"{run.scale} scale" if run.scale else "this suite's scale")
+# --------------------------------------------------------------------------- scale and budget
 
 
-def image_size(run: Run) -> int | None:
-    """The input side a run used: its ``img_size`` param, else its registered size's default."""
-    size = run.number("img_size")
-    if size is not None:
-        return int(size)
-    from ..models.registry import MODEL_SIZES
-
-    registered = MODEL_SIZES.get(run.model)
-    return registered.img_size if registered is not None else None
+def _num(result: Result | None, key: str) -> float | None:
+    return None if result is None else result.value(key)
 
 
-def _count(value: float | None) -> str | None:
-    return None if value is None else f"{value:g}"
+def _count(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
-_BUDGET_WORD = {"finetune": "finetune", "linear_probe": "probe", "coco": "transfer", "ade20k": "transfer"}
+def pretrain_group(results: Results, role: str, key: str) -> list[Result]:
+    """The pretraining a result started from: the same variant's in ablations/backbones, the default's otherwise."""
+    return results.group(role, "pretrain", "" if role == "default" else key)
 
 
-def _epochs_text(run: Run, index: RunIndex) -> str | None:
-    """The training budget behind a number: pretraining plus this stage's epochs (or iterations)."""
-    epochs = _count(run.number("epochs"))
-    if run.stage == "pretrain":
-        return f"{epochs} pretrain epochs" if epochs else None
-    if run.stage == "scratch":
-        return f"{epochs} epochs from scratch" if epochs else "from scratch"
-    if epochs:
-        own = f"{epochs} {_BUDGET_WORD.get(run.stage, run.stage)} epochs"
-    else:
-        iters = next((_count(run.number(k)) for k in ("max_iters", "iters", "iterations", "max_steps")
-                      if run.number(k) is not None), None)
-        own = f"{iters} {_BUDGET_WORD.get(run.stage, run.stage)} iterations" if iters else None
-    parent = index.pretrain_for(run)
-    pre = _count(parent.number("epochs")) if parent is not None else None
-    if pre and own:
-        return f"{pre} pretrain + {own}"
-    return own or (f"{pre} pretrain epochs" if pre else None)
+def pretrain_epochs(results: Results, role: str, key: str) -> float | None:
+    group = pretrain_group(results, role, key)
+    return _num(group[0], "epochs") if group else None
 
 
-def model_overrides(run: Run) -> str:
-    """The encoder arguments a run changed from its named model (``embed_dim=48, depths=[2, 2]``).
-
-    MLflow stores ``model_kwargs`` flattened (``model_kwargs.depths.0``); lists are put back
-    together here. The decoder's arguments are left out: they do not change the encoder
-    that the table's numbers belong to.
-    """
-    values: dict[str, Any] = {}
-    for key in sorted(run.params):
-        if not key.startswith("model_kwargs."):
-            continue
-        name, _, index = key[len("model_kwargs."):].partition(".")
-        if name.startswith("decoder_"):
-            continue
-        value = run.params[key]
-        if index.isdigit():
-            values.setdefault(name, {})[int(index)] = value
-        else:
-            values[name] = value
-    words = []
-    for name, value in values.items():
-        if isinstance(value, dict):
-            value = "[" + ", ".join(value[i] for i in sorted(value)) + "]"
-        words.append(f"{name}={value}")
-    return ", ".join(words)
-
-
-def scale_label(run: Run | None, index: RunIndex, note: str = "") -> str:
-    """What ran, in one cell: data, model, input size and budget (``''`` when nothing ran)."""
-    if run is None:
+def scale_label(results: Results, group: list[Result], pretrained: bool = True) -> str:
+    """What ran, in one cell: model, input size and budget (from the metrics JSON)."""
+    if not group:
         return ""
-    parts = [_SCALE_DATA.get(run.scale, f"{run.scale} data" if run.scale else "data scale unknown")]
-    if run.model:
-        overrides = model_overrides(run)
-        parts.append(f"{run.model} ({overrides})" if overrides else run.model)
-    size = image_size(run)
-    if size is not None:
-        parts.append(f"{size} px")
-    epochs = _epochs_text(run, index)
-    if epochs:
-        parts.append(epochs)
-    text = ", ".join(parts)
-    return f"{text} ({note})" if note else text
+    r = group[0]
+    parts = [str(r.metrics.get("model") or "model ?")]
+    if r.value("img_size") is not None:
+        parts.append(f"{_count(r.value('img_size'))} px")
+    own = (f"{_count(r.value('epochs'))} {'finetune' if r.stage in ('finetune', 'scratch') else 'transfer'} epochs"
+           if r.value("epochs") is not None else
+           f"{_count(r.value('max_iters'))} transfer iterations" if r.value("max_iters") is not None else "budget ?")
+    if pretrained and r.stage not in ("scratch",) and r.metrics.get("init") != "scratch":
+        pre = pretrain_epochs(results, r.role, r.key)
+        parts.append(f"{_count(pre)} pretrain + {own}")
+    else:
+        parts.append(f"{own} from scratch")
+    return ", ".join(parts)
+
+
+def place_budget(ours_epochs: float | None, default_epochs: float | None, paper_default: int,
+                 paper_budgets: Sequence[int]) -> tuple[int | None, str]:
+    """The paper budget a run stands beside: the same ratio to the setting's default (None: no such row)."""
+    if ours_epochs is None or default_epochs is None or default_epochs <= 0:
+        return None, "pretraining budget unknown"
+    ratio = ours_epochs / default_epochs
+    target = paper_default * ratio
+    why = (f"{ours_epochs:g} ep = {ratio:g}x our default {default_epochs:g} ep -> {ratio:g}x the paper's "
+           f"default {paper_default} ep = {target:g}")
+    for budget in paper_budgets:
+        if abs(budget - target) < 1e-6:
+            return budget, why
+    return None, why + " (no such paper row)"
 
 
 # --------------------------------------------------------------------------- backbones
 
 _MIXMIM_NAMES = {"mixmim_base": "MixMIM-B", "mixmim_large": "MixMIM-L", "mixmim_huge": "MixMIM-H"}
-_FAMILY_PREFIX = (("vit", "ViT"), ("swin", "Swin"), ("pvt", "PVT"))
-_SIZE_LETTER = {"base": "B", "large": "L", "huge": "H"}
 
 
 def paper_backbone(model: str) -> str | None:
-    """The paper's name for a model that ran (``mixmim_base`` -> MixMIM-B, a BiT R50x3 -> Res50x3).
-
-    None when the model has no counterpart in the paper (the CPU sizes, tiny timm models).
-    """
+    """The paper's name for a model that ran (``mixmim_base`` -> MixMIM-B); None for the CPU sizes."""
     if model in _MIXMIM_NAMES:
         return _MIXMIM_NAMES[model]
     name = model.lower()
@@ -232,527 +233,504 @@ def paper_backbone(model: str) -> str | None:
         match = re.search(r"(\d+)x(\d+)", name)
         return f"Res{match[1]}x{match[2]}" if match else None
     size = re.search(r"(?:^|_)(base|large|huge)(?:_|$)", name)
-    for prefix, label in _FAMILY_PREFIX:
+    for prefix, label in (("vit", "ViT"), ("swin", "Swin"), ("pvt", "PVT")):
         if name.startswith(prefix) and size:
-            return f"{label}-{_SIZE_LETTER[size[1]]}"
+            return f"{label}-{ {'base': 'B', 'large': 'L', 'huge': 'H'}[size[1]] }"
     return None
 
 
 def backbone_family(backbone: str) -> str:
-    """The adapter family of a paper backbone name (ViT-B -> vit, Res50x3 -> resnet)."""
+    """The backbones pipeline's variant name for a paper backbone (ViT-B -> vit, Res50x3 -> resnet)."""
     name = backbone.lower()
     if name.startswith("res"):
         return "resnet"
-    if name.startswith("pvt"):
-        return "pvt_v2"
-    return name.split("-")[0]
+    return "pvt" if name.startswith("pvt") else name.split("-")[0]
 
 
-def _same_family(variant: str, family: str) -> bool:
-    v, f = variant.lower(), family.lower()
-    return bool(v) and (v == f or v.startswith(f) or f.startswith(v))
+def _stand_in_row(rows: list[tuple[int, str]], model: str) -> int:
+    """Of a configuration's rows (index, backbone): the matching backbone, else the smallest (first)."""
+    name = paper_backbone(model)
+    return next((i for i, backbone in rows if backbone == name), rows[0][0])
 
 
-def _family_run(index: RunIndex, family: str, stage: str) -> Run | None:
-    found = [r for r in index.select("backbones", stage) if _same_family(r.variant, family)]
-    return found[0] if found else None
+@functools.lru_cache(maxsize=None)
+def _gflops(model: str, img_size: int | None) -> float | None:
+    from ..flops import model_info
 
-
-def _stand_in(rows: list[tuple[int, str]], run: Run | None, default: int | None = None) -> int | None:
-    """Which of ``rows`` ((row index, backbone)) shows ``run``: the matching backbone, else ``default``/the first."""
-    if run is None or not rows:
+    try:
+        return model_info(model, img_size).gflops
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError):
         return None
-    name = paper_backbone(run.model)
-    for i, backbone in rows:
-        if backbone == name:
-            return i
-    return default if default is not None else rows[0][0]
 
 
-def _not_run(what: str, run: Run | None) -> str:
-    return missing(f"{what} not run at {scale_phrase(run)}")
+def _size(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
-def _not_reproduced(method: str) -> str:
-    return missing(f"{method} not reproduced")
+# --------------------------------------------------------------------------- notes
+
+
+def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure) -> str:
+    ests = [ctx.estimate(g, measure) for g in groups if g]
+    ests = [e for e in ests if e is not None]
+    if not ests:
+        return f"{measure.label}: no result of ours"
+    n_val = sorted({e.n_val for e in ests if e.n_val})
+    seeds = sorted({e.n_seeds for e in ests})
+    chance = next((c for g in groups if g for c in [chance_level(g, measure)] if c is not None), None)
+    chance_txt = "unknown (no per-image records)" if chance is None else f"{chance:.1f}"
+    what = {"classification": "most frequent validation class", "segmentation": "majority-class mIoU",
+            }.get(measure.kind, "a detector without signal")
+    return (f"{measure.label}: n = {', '.join(map(str, n_val)) or '?'} validation images, "
+            f"{', '.join(map(str, seeds))} seed(s) per variant; chance level ({what}) = {chance_txt}")
+
+
+STANDARD_NOTE = ("Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over "
+                 "validation images (2000 resamples, metric recomputed per resample). Tests: exact McNemar "
+                 "(one seed each, top-1) or paired bootstrap over the shared validation images; resolved = "
+                 "p < 0.05. Values are the last epoch's. Which paper row each run stands beside: run_mapping.")
 
 
 # --------------------------------------------------------------------------- Table 2
 
 
-def table2(index: RunIndex) -> pd.DataFrame:
-    """ImageNet stand-in top-1 of the default pipeline on the MixMIM row matching our model and budget.
-
-    The row is the matching backbone's (any MixMIM row for a CPU size) with our pretraining
-    epochs, else the paper's default budget (600 epochs), else the first.
-    """
+def table2(ctx: Context) -> Table:
+    res = ctx.results
     paper = paper_table("table2_in1k_mim")
-    run = index.find("default", "finetune", dataset="imagenet")
-    target = None
-    if run is not None:
-        parent = index.pretrain_for(run)
-        epochs = parent.number("epochs") if parent is not None else None
-        mixmim = [(i, r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
-        candidates = [i for i, b in mixmim if b == paper_backbone(run.model)] or [i for i, _ in mixmim]
-        target = next((i for i in candidates if _same(paper.at[i, "pretrain_epochs"], epochs)),
-                      next((i for i in candidates if paper.at[i, "pretrain_epochs"] == "600"), candidates[0]))
-    reason = index.reason("default", "finetune", dataset="imagenet")
+    group = res.group("default", "finetune", "imagenet")
+    scratch = res.group("default", "scratch", "imagenet")
+    mixmim = [int(p) for p in paper.loc[paper.method == "MixMIM", "pretrain_epochs"]]
+    pre = pretrain_epochs(res, "default", "imagenet")
+    budget, why = place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], mixmim)
     rows = []
-    for i, r in paper.iterrows():
-        if r.method != "MixMIM":
-            ours = _not_reproduced(r.method)
-        elif run is None:
-            ours = missing(reason)
-        elif i == target:
-            ours = percent(run.metric("final/top1"), "no final/top1 logged")
+    placed = False
+    model = str(group[0].metrics.get("model", "")) if group else ""
+    for _, r in paper.iterrows():
+        row = {"method": r.method, "backbone": r.backbone, "GFLOPs (paper's model)": r.flops_g,
+               "params M (paper's model)": r.params_m, "supervision": r.supervision,
+               "pretrain_epochs_paper": r.pretrain_epochs, "top1_paper": r.top1}
+        here = r.method == "MixMIM" and budget is not None and int(r.pretrain_epochs) == budget and not placed
+        if here:
+            placed = True
+            img = group[0].value("img_size") if group else None
+            row["GFLOPs (our model)"] = _size(_gflops(model, int(img) if img else None)) if group else ""
+            row.update(ours_cells(ctx, "top1", group, MEASURES["top1"], res.reason("default", "finetune", "imagenet")))
+            row.update(versus_cells(ctx, "top1", "scratch", group, scratch, MEASURES["top1"]))
+            row["scale_ours"] = scale_label(res, group)
         else:
-            ours = _not_run(f"{r.backbone}, {r.pretrain_epochs} epochs", run)
-        rows.append({
-            "method": r.method, "backbone": r.backbone, "GFLOPs": r.flops_g, "params (M)": r.params_m,
-            "supervision": r.supervision, "pretrain epochs": r.pretrain_epochs,
-            "top1 (paper)": r.top1, "top1 (ours)": ours,
-            "scale (ours)": scale_label(run, index) if i == target else "",
-        })
-    return pd.DataFrame(rows)
+            text = (missing(f"{r.method} not reproduced") if r.method != "MixMIM"
+                    else missing(f"no run of ours at {int(r.pretrain_epochs) / 600:g}x the paper's default budget"))
+            row["GFLOPs (our model)"] = ""
+            row.update(blank_cells("top1", text, "scratch"))
+            row["scale_ours"] = ""
+        rows.append(row)
+    if group:
+        ctx.record("table2", "default", "finetune_imagenet", group, f"{_count(pre)} pretrain epochs",
+                   f"MixMIM-B, {budget} epochs" if budget else "none", why)
+    notes = (_n_note(ctx, [group, scratch], MEASURES["top1"]),
+             "top1_*_vs_scratch: the same encoder and finetuning budget from random initialisation "
+             "(metrics/scratch_imagenet).", STANDARD_NOTE)
+    return Table("table2_in1k_mim", *PAPER_TABLES["table2_in1k_mim"], pd.DataFrame(rows), notes)
 
 
 # --------------------------------------------------------------------------- Tables 3 and 13
 
 
-def _encoder_table(paper: pd.DataFrame, index: RunIndex, stage_of_method: Callable[[str], str | None],
-                   keep: Mapping[str, str], not_run_why: Callable[[str], str]) -> pd.DataFrame:
-    """Rows of a same-encoder table: MixMIM rows from finetune runs, supervised rows from scratch runs.
-
-    ``stage_of_method`` maps a paper method to the stage that measures it here (None: not
-    reproduced); the run of each (family, stage) is placed on one row of that group.
-    """
-    placed: dict[int, Run] = {}
+def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: Mapping[str, str],
+                   not_run: Callable[[str], str]) -> Table:
+    """MixMIM rows from the backbones pipeline's finetune runs, supervised rows from its scratch runs."""
+    res = ctx.results
+    paper = paper_table(stem)
+    placed: dict[int, tuple[str, list[Result]]] = {}
     groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for i, r in paper.iterrows():
-        stage = stage_of_method(r.method)
-        if stage is not None:
-            groups.setdefault((backbone_family(r.backbone), stage), []).append((i, r.backbone))
+        if r.method in stage_of:
+            groups.setdefault((backbone_family(r.backbone), stage_of[r.method]), []).append((int(i), r.backbone))
     for (family, stage), members in groups.items():
-        run = _family_run(index, family, stage)
-        target = _stand_in(members, run)
-        if target is not None and run is not None:
-            placed[target] = run
+        group = res.group("backbones", stage, family)
+        if group:
+            target = _stand_in_row(members, str(group[0].metrics.get("model", "")))
+            placed[target] = (family, group)
+            row = paper.loc[target]
+            ctx.record(stem.split("_")[0], "backbones", f"{stage}_{family}", group,
+                       f"{_count(pretrain_epochs(res, 'backbones', family))} pretrain epochs" if stage == "finetune"
+                       else "from scratch", f"{row.method} {row.backbone}",
+                       "same encoder family; our tiny model stands beside the family's smallest paper model "
+                       "at that row's own budget")
     rows = []
+    top1 = MEASURES["top1"]
     for i, r in paper.iterrows():
-        stage = stage_of_method(r.method)
-        family = backbone_family(r.backbone)
-        if stage is None:
-            ours = not_run_why(r.method)
-        elif i in placed:
-            ours = percent(placed[i].metric("final/top1"), "no final/top1 logged")
-        elif _family_run(index, family, stage) is None:
-            ours = missing(index.reason("backbones", stage, variant=family))
-        else:
-            ours = _not_run(r.backbone, _family_run(index, family, stage))
         row = {label: r[column] for column, label in keep.items()}
-        row.update({"top1 (paper)": r.top1, "top1 (ours)": ours,
-                    "scale (ours)": scale_label(placed[i], index) if i in placed else ""})
+        row["top1_paper"] = r.top1
+        stage = stage_of.get(r.method)
+        family = backbone_family(r.backbone)
+        if int(i) in placed:
+            fam, group = placed[int(i)]
+            row.update(ours_cells(ctx, "top1", group, top1, ""))
+            if stage == "finetune":
+                row.update(versus_cells(ctx, "top1", "scratch", group, res.group("backbones", "scratch", fam), top1))
+            else:
+                row.update({"top1_diff_vs_scratch": "", "top1_p_vs_scratch": "", "top1_resolved_vs_scratch": ""})
+            row["scale_ours"] = scale_label(res, group)
+        else:
+            if stage is None:
+                text = not_run(r.method)
+            elif not res.group("backbones", stage, family):
+                text = missing(res.reason("backbones", stage, family))
+            else:
+                text = missing(f"{r.backbone} not run at built-in scale")
+            row.update(blank_cells("top1", text, "scratch"))
+            row["scale_ours"] = ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    fams = sorted({f for f, _ in groups})
+    notes = (_n_note(ctx, [res.group("backbones", s, f) for f in fams for s in ("finetune", "scratch")], top1),
+             "top1_*_vs_scratch (MixMIM rows): the same encoder trained from scratch with the same finetuning "
+             "budget (pipelines/backbones).", STANDARD_NOTE)
+    return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), notes)
 
 
-def table3(index: RunIndex) -> pd.DataFrame:
-    """Backbones pipeline: MixMIM-pretrained vs supervised-from-scratch top-1 per encoder family."""
-    stages = {"MixMIM": "finetune", "Supervised": "scratch"}
-    keep = {"method": "method", "backbone": "backbone", "pretrain_epochs": "pretrain epochs",
-            "finetune_epochs": "finetune epochs"}
-    return _encoder_table(paper_table("table3_same_encoder"), index, stages.get, keep, _not_reproduced)
+def table3(ctx: Context) -> Table:
+    keep = {"method": "method", "backbone": "backbone", "pretrain_epochs": "pretrain_epochs_paper",
+            "finetune_epochs": "finetune_epochs_paper"}
+    return _encoder_table(ctx, "table3_same_encoder", keep, {"MixMIM": "finetune", "Supervised": "scratch"},
+                          lambda m: missing(f"{m} not reproduced"))
 
 
-def table13(index: RunIndex) -> pd.DataFrame:
-    """Backbones pipeline's ResNet runs: BiT-S rows get the supervised-from-scratch run."""
-    stages = {"MixMIM": "finetune", "BiT-S": "scratch"}
-    keep = {"method": "method", "backbone": "backbone", "input_size": "input size", "pretrain_data": "pretrain data"}
+def table13(ctx: Context) -> Table:
+    keep = {"method": "method", "backbone": "backbone", "input_size": "input_size_paper",
+            "pretrain_data": "pretrain_data_paper"}
 
     def why(method: str) -> str:
-        return missing("needs ImageNet-21K labels") if method == "BiT-M" else _not_reproduced(method)
+        return missing("needs ImageNet-21K labels") if method == "BiT-M" else missing(f"{method} not reproduced")
 
-    return _encoder_table(paper_table("table13_convnets"), index, stages.get, keep, why)
+    return _encoder_table(ctx, "table13_convnets", keep, {"MixMIM": "finetune", "BiT-S": "scratch"}, why)
 
 
 # --------------------------------------------------------------------------- Table 4
 
 
-def _cost(run: Run | None, key: str, why: str) -> str:
-    """A dense model's size as its run logged it (``model/gflops``, ``model/params_m``)."""
-    if run is None:
-        return missing(why)
-    value = run.metric(key)
-    return _magnitude(value) if value is not None else missing(f"{key} not logged by run {run.run_id}")
-
-
-def table4(index: RunIndex) -> pd.DataFrame:
-    """COCO AP box/mask and ADE20K mIoU of the default pipeline on the matching MixMIM row.
-
-    Our GFLOPs/params cells are those of the detector and segmentor each run trained, at
-    the run's input size, as the dense engines count and log them
-    (:func:`mixmim.transfer.train.dense_complexity`).
-    """
+def table4(ctx: Context) -> Table:
+    res = ctx.results
     paper = paper_table("table4_coco_ade20k")
-    coco = index.find("default", "coco")
-    ade = index.find("default", "ade20k")
-    anchor = coco or ade
-    mixmim = [(i, r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
-    target = _stand_in(mixmim, anchor)
-    coco_why = index.reason("default", "coco")
-    ade_why = index.reason("default", "ade20k")
+    coco, ade = res.group("default", "coco"), res.group("default", "ade20k")
+    coco_s, ade_s = res.group("default", "scratch", "coco"), res.group("default", "scratch", "ade20k")
+    pre = pretrain_epochs(res, "default", "")
+    budget, why = place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], [600])
+    model = str((coco or ade)[0].metrics.get("model", "")) if coco or ade else ""
+    mixmim = [(int(i), r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
+    target = _stand_in_row(mixmim, model) if (coco or ade) and budget else None
     rows = []
     for i, r in paper.iterrows():
-        if r.method != "MixMIM":
-            cell = _not_reproduced(r.method)
-            ours = dict.fromkeys(("cf", "cp", "box", "mask", "af", "ap", "miou", "base"), cell)
-        elif i != target:
-            cell = _not_run(r.backbone, anchor) if anchor is not None else missing(coco_why)
-            ours = dict.fromkeys(("cf", "cp", "box", "mask", "af", "ap", "miou", "base"), cell)
+        row = {"method": r.method, "backbone": r.backbone, "pretrain_epochs_paper": r.pretrain_epochs,
+               "COCO GFLOPs (paper's model)": r.coco_flops_g, "COCO params M (paper's model)": r.coco_params_m,
+               "ADE GFLOPs (paper's model)": r.ade_flops_g, "ADE params M (paper's model)": r.ade_params_m,
+               "ap_box_paper": r.ap_box, "ap_mask_paper": r.ap_mask, "miou_paper": r.miou}
+        if int(i) == target:
+            for prefix, group, other in (("ap_box", coco, coco_s), ("ap_mask", coco, coco_s), ("miou", ade, ade_s)):
+                stage = "coco" if prefix != "miou" else "ade20k"
+                row.update(ours_cells(ctx, prefix, group, MEASURES[prefix], res.reason("default", stage)))
+                row.update(versus_cells(ctx, prefix, "scratch", group, other, MEASURES[prefix]))
+            row["COCO GFLOPs (our model)"] = _size(_num(coco[0] if coco else None, "model_gflops"))
+            row["COCO params M (our model)"] = _size(_num(coco[0] if coco else None, "model_params_m"))
+            row["ADE GFLOPs (our model)"] = _size(_num(ade[0] if ade else None, "model_gflops"))
+            row["ADE params M (our model)"] = _size(_num(ade[0] if ade else None, "model_params_m"))
+            row["scale_ours"] = "; ".join(dict.fromkeys(s for s in (scale_label(res, coco), scale_label(res, ade)) if s))
         else:
-            ours = {
-                "cf": _cost(coco, "model/gflops", coco_why), "cp": _cost(coco, "model/params_m", coco_why),
-                "box": percent(coco.metric("final/ap_box") if coco else None, coco_why, 100),
-                "mask": percent(coco.metric("final/ap_mask") if coco else None, coco_why, 100),
-                "af": _cost(ade, "model/gflops", ade_why), "ap": _cost(ade, "model/params_m", ade_why),
-                "miou": percent(ade.metric("final/miou") if ade else None, ade_why, 100),
-                "base": percent(ade.metric("final/baseline_miou") if ade else None, ade_why, 100),
-            }
-        scale = ""
-        if i == target:
-            labels = dict.fromkeys(label for label in (scale_label(coco, index), scale_label(ade, index)) if label)
-            scale = "; ".join(labels)
-        rows.append({
-            "method": r.method, "backbone": r.backbone, "pretrain epochs": r.pretrain_epochs,
-            "COCO GFLOPs (paper)": r.coco_flops_g, "COCO GFLOPs (ours)": ours["cf"],
-            "COCO params M (paper)": r.coco_params_m, "COCO params M (ours)": ours["cp"],
-            "AP box (paper)": r.ap_box, "AP box (ours)": ours["box"],
-            "AP mask (paper)": r.ap_mask, "AP mask (ours)": ours["mask"],
-            "ADE GFLOPs (paper)": r.ade_flops_g, "ADE GFLOPs (ours)": ours["af"],
-            "ADE params M (paper)": r.ade_params_m, "ADE params M (ours)": ours["ap"],
-            "mIoU (paper)": r.miou, "mIoU (ours)": ours["miou"],
-            "mIoU most-frequent-class baseline (ours)": ours["base"],
-            "scale (ours)": scale, "note": r.note,
-        })
-    return pd.DataFrame(rows)
+            text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else missing(
+                f"{r.backbone} not run at built-in scale" if (coco or ade) else res.reason("default", "coco"))
+            for prefix in ("ap_box", "ap_mask", "miou"):
+                row.update(blank_cells(prefix, text, "scratch"))
+            for name in ("COCO GFLOPs", "COCO params M", "ADE GFLOPs", "ADE params M"):
+                row[f"{name} (our model)"] = ""
+            row["scale_ours"] = ""
+        rows.append(row)
+    for name, group in (("coco", coco), ("ade20k", ade)):
+        if group:
+            ctx.record("table4", "default", name, group, f"{_count(pre)} pretrain epochs",
+                       f"MixMIM-B, {budget} epochs" if target is not None else "none", why)
+    notes = (_n_note(ctx, [coco, coco_s], MEASURES["ap_box"]), _n_note(ctx, [ade, ade_s], MEASURES["miou"]),
+             "*_vs_scratch: the same detector/segmentor from random initialisation (metrics/scratch_coco, "
+             "metrics/scratch_ade20k). Our GFLOPs/params: the dense model each run trained, at its input size, "
+             "as the run counted it (model_gflops/model_params_m in its metrics JSON).", STANDARD_NOTE)
+    return Table("table4_coco_ade20k", *PAPER_TABLES["table4_coco_ade20k"], pd.DataFrame(rows), notes)
 
 
 # --------------------------------------------------------------------------- Table 5
 
 
-def table5(index: RunIndex) -> pd.DataFrame:
-    """Default pipeline's finetunes on the iNaturalist and Places stand-ins, on the matching MixMIM row."""
+def _at_chance(ctx: Context, group: list[Result], measure: Measure) -> bool:
+    """Whether a result cannot be told from chance: its interval (or value) reaches the chance level."""
+    est = ctx.estimate(group, measure)
+    chance = chance_level(group, measure)
+    if est is None or chance is None:
+        return False
+    low = est.low if not math.isnan(est.low) else est.value
+    return low <= chance
+
+
+def table5(ctx: Context) -> Table:
+    res = ctx.results
+    top1 = MEASURES["top1"]
     paper = paper_table("table5_cls_transfer")
-    runs = {name: index.find("default", "finetune", dataset=name) for name, _ in CLS_TRANSFER}
-    anchor = next((run for run in runs.values() if run is not None), None)
-    mixmim = [(i, r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
-    target = _stand_in(mixmim, anchor)
+    groups = {name: res.group("default", "finetune", name) for name, _ in CLS_TRANSFER}
+    pre = pretrain_epochs(res, "default", "")
+    budget, why = place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], [600])
+    anchor = next((g for g in groups.values() if g), [])
+    mixmim = [(int(i), r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
+    target = _stand_in_row(mixmim, str(anchor[0].metrics.get("model", ""))) if anchor and budget else None
     rows = []
+    excluded: list[str] = []
+    unknown: list[str] = []
     for i, r in paper.iterrows():
-        row: dict[str, str] = {"method": r.method, "backbone": r.backbone, "GFLOPs": r.flops_g,
-                               "params (M)": r.params_m}
+        row: dict[str, str] = {"method": r.method, "backbone": r.backbone, "GFLOPs (paper's model)": r.flops_g,
+                               "params M (paper's model)": r.params_m}
         values: list[float] = []
         for name, label in CLS_TRANSFER:
-            run = runs[name]
-            if r.method != "MixMIM":
-                ours = _not_reproduced(r.method)
-            elif run is None:
-                ours = missing(index.reason("default", "finetune", dataset=name))
-            elif i != target:
-                ours = _not_run(r.backbone, run)
+            row[f"{name}_paper"] = r[name]
+            group = groups[name]
+            if int(i) == target:
+                row.update(ours_cells(ctx, name, group, top1, res.reason("default", "finetune", name)))
+                row.update(versus_cells(ctx, name, "scratch", group, res.group("default", "scratch", name), top1))
+                est = ctx.estimate(group, top1) if group else None
+                if est is not None:
+                    if _at_chance(ctx, group, top1):
+                        excluded.append(name)
+                    else:
+                        values.append(est.value)
+                        if chance_level(group, top1) is None:
+                            unknown.append(name)
             else:
-                top1 = run.metric("final/top1")
-                ours = percent(top1, "no final/top1 logged")
-                if top1 is not None:
-                    values.append(top1)
-            row[f"{label} (paper)"] = r[name]
-            row[f"{label} (ours)"] = ours
-        if r.method != "MixMIM":
-            average = _not_reproduced(r.method)
-        elif i != target:
-            average = _not_run(r.backbone, anchor) if anchor is not None else missing("no transfer runs")
-        elif len(values) == len(CLS_TRANSFER):
-            average = f"{sum(values) / len(values):.1f}"
+                text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else missing(
+                    f"{r.backbone} not run at built-in scale")
+                row.update(blank_cells(name, text, "scratch"))
+        row["average_paper"] = r.average
+        if int(i) != target:
+            row["average_ours"] = row["inat2018_ours"]
+        elif values:
+            row["average_ours"] = f"{sum(values) / len(values):.1f}"
+            if excluded:
+                row["average_ours"] += f" (excludes {', '.join(excluded)}: at or below chance)"
+            if unknown:
+                row["average_ours"] += f" (includes {', '.join(unknown)}: chance level unknown, no per-image records)"
         else:
-            average = missing(f"{len(CLS_TRANSFER) - len(values)} of {len(CLS_TRANSFER)} datasets not run")
-        row["average (paper)"] = r.average
-        row["average (ours)"] = average
-        labels = dict.fromkeys(scale_label(run, index) for run in runs.values() if run is not None)
-        row["scale (ours)"] = "; ".join(labels) if i == target else ""
+            row["average_ours"] = missing("no transfer result above chance")
+        row["scale_ours"] = "; ".join(dict.fromkeys(scale_label(res, g) for g in groups.values() if g)) \
+            if int(i) == target else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    for name, group in groups.items():
+        if group:
+            ctx.record("table5", "default", f"finetune_{name}", group, f"{_count(pre)} pretrain epochs",
+                       f"MixMIM-B, {budget} epochs" if target is not None else "none", why)
+    notes = (_n_note(ctx, list(groups.values()), top1),
+             "average_ours excludes any dataset whose interval reaches its chance level and names it.",
+             "*_vs_scratch: the same encoder and budget from random initialisation (metrics/scratch_<dataset>).",
+             STANDARD_NOTE)
+    return Table("table5_cls_transfer", *PAPER_TABLES["table5_cls_transfer"], pd.DataFrame(rows), notes)
 
 
 # --------------------------------------------------------------------------- ablations (Tables 6-10)
 
-
-@dataclass(frozen=True)
-class Ablation:
-    """The runs of one ablation variant: its pretraining, ImageNet finetune and ADE20K transfer."""
-
-    variant: str
-    pretrain: Run | None
-    finetune: Run | None
-    ade: Run | None
-    note: str = ""
-
-    @property
-    def ran(self) -> bool:
-        return any(run is not None for run in (self.pretrain, self.finetune, self.ade))
+#: measure -> the ablations pipeline's stage that produces it
+ABLATION_MEASURES = (("top1", "finetune"), ("miou", "ade20k"), ("knn_top1", "probe"), ("linear_top1", "probe"))
 
 
-def ablation(index: RunIndex, variant: str) -> Ablation:
-    """Runs of ``variant`` in the ablations pipeline.
-
-    The ``default`` variant falls back to the default pipeline's runs when the ablations
-    pipeline did not repeat them (it is the same configuration), and says so.
-    """
-    found = Ablation(variant, index.find("ablations", "pretrain", variant=variant),
-                     index.find("ablations", "finetune", variant=variant, dataset="imagenet"),
-                     index.find("ablations", "ade20k", variant=variant))
-    if variant != "default" or found.finetune is not None or found.ade is not None:
-        return found
-    fallback = Ablation(variant, index.find("default", "pretrain", variant="default") or found.pretrain,
-                        index.find("default", "finetune", dataset="imagenet"), index.find("default", "ade20k"),
-                        note="default pipeline's runs")
-    return fallback if fallback.finetune is not None or fallback.ade is not None else found
+def _ablation_measures(res: Results) -> list[tuple[str, str]]:
+    """Measures with at least one result in the ablations pipeline (top-1 and mIoU always shown)."""
+    return [(m, s) for m, s in ABLATION_MEASURES if m in ("top1", "miou") or res.keys("ablations", s)]
 
 
-def _ablation_cells(index: RunIndex, result: Ablation | None, paper_top1: str, paper_miou: str | None,
-                    want_miou: bool = True) -> dict[str, str]:
-    """top1/mIoU paper-and-ours cells plus the variant and scale of one ablation row."""
-    if result is None:
-        top1 = miou = missing("not run")
-        variant = scale = ""
-    else:
-        v = result.variant
-        role = "default" if result.note else "ablations"
-        top1 = (percent(result.finetune.metric("final/top1"), "no final/top1 logged") if result.finetune
-                else missing(index.reason(role, "finetune", variant=None if result.note else v)))
-        miou = (percent(result.ade.metric("final/miou"), "no final/miou logged", 100) if result.ade
-                else missing(index.reason(role, "ade20k", variant=None if result.note else v)))
-        variant = v
-        # the finetune and the ADE20K transfer can differ in input size and budget: name both
-        runs = [r for r in (result.finetune, result.ade) if r is not None] or [result.pretrain]
-        scale = "; ".join(dict.fromkeys(scale_label(r, index) for r in runs))
-        scale = f"{scale} ({result.note})" if result.note and scale else scale
-    cells = {"top1 (paper)": paper_top1, "top1 (ours)": top1}
-    if want_miou:
-        cells.update({"mIoU (paper)": paper_miou or "", "mIoU (ours)": miou})
-    cells.update({"variant (ours)": variant, "scale (ours)": scale})
+def _ablation_cells(ctx: Context, variant: str | None, paper: Mapping[str, str], table: str, row_name: str,
+                    why_missing: str = "") -> dict[str, str]:
+    """Ours and vs-default cells of one ablation variant (every measure), and the mapping entry."""
+    res = ctx.results
+    cells: dict[str, str] = {}
+    for measure, stage in _ablation_measures(res):
+        if measure in paper:
+            cells[f"{measure}_paper"] = paper[measure]
+        if variant is None:
+            cells.update(blank_cells(measure, missing(why_missing or "not run"), "default"))
+            continue
+        group = res.group("ablations", stage, variant)
+        cells.update(ours_cells(ctx, measure, group, MEASURES[measure], res.reason("ablations", stage, variant)))
+        if variant == "default":
+            cells.update({f"{measure}_diff_vs_default": "", f"{measure}_p_vs_default": "(reference)",
+                          f"{measure}_resolved_vs_default": ""})
+        else:
+            cells.update(versus_cells(ctx, measure, "default", group, res.group("ablations", stage, "default"),
+                                      MEASURES[measure]))
+    cells["variant_ours"] = variant or ""
+    group = res.group("ablations", "finetune", variant) if variant else []
+    cells["scale_ours"] = scale_label(res, group) if group else ""
+    if variant is not None and any(res.group("ablations", s, variant) for _, s in ABLATION_MEASURES):
+        pre = pretrain_epochs(res, "ablations", variant)
+        default = pretrain_epochs(res, "ablations", "default")
+        _, why = place_budget(pre, default, PAPER_DEFAULT_EPOCHS["ablations"], [300, 600, 900])
+        ctx.record(table, "ablations", variant, res.group("ablations", "pretrain", variant),
+                   f"{_count(pre)} pretrain epochs", row_name, "same configuration; " + why)
     return cells
 
 
-def _extra_variants(index: RunIndex, prefix: str, placed: Iterable[str]) -> list[str]:
-    """Ablation variants with ``prefix`` that ran but have no row in the paper's table."""
-    done = set(placed)
-    return [v for v in index.variants("ablations") if v.startswith(prefix) and v not in done]
+def _ablation_notes(ctx: Context, variants: Sequence[str]) -> tuple[str, ...]:
+    res = ctx.results
+    notes = [_n_note(ctx, [res.group("ablations", s, v) for v in variants], MEASURES[m])
+             for m, s in _ablation_measures(res)]
+    notes += ["*_vs_default: each variant against the ablations pipeline's default variant on the same "
+              "validation images.", STANDARD_NOTE]
+    return tuple(notes)
 
 
-def _named_ablation_table(index: RunIndex, stem: str, key: str, label: str,
-                          variant_of: Callable[[str], str], prefix: str) -> pd.DataFrame:
-    """Tables 6 and 7: each paper row is one named variant; extra variants of the prefix follow."""
+def _extra(res: Results, prefix: str, placed: Sequence[str]) -> list[str]:
+    keys = sorted({r.key for r in res.all if r.role == "ablations" and r.stage != "pretrain"})
+    return [k for k in keys if k.startswith(prefix) and k not in placed]
+
+
+def _named_ablation(ctx: Context, stem: str, column: str, variant_of: Callable[[str], str], prefix: str) -> Table:
     paper = paper_table(stem)
     rows, placed = [], []
     for _, r in paper.iterrows():
-        variant = variant_of(r[key])
-        result = ablation(index, variant)
+        variant = variant_of(r[column])
         placed.append(variant)
-        cells = _ablation_cells(index, result, r.top1, r.miou)
-        if not result.ran:
-            cells["variant (ours)"] = variant
-        rows.append({label: r[key], **cells})
-    for variant in _extra_variants(index, prefix, placed):
-        rows.append({label: variant[len(prefix):], **_ablation_cells(index, ablation(index, variant),
-                                                                       NOT_IN_PAPER, NOT_IN_PAPER)})
-    return pd.DataFrame(rows)
+        rows.append({column: r[column], **_ablation_cells(ctx, variant, r, stem.split("_")[0],
+                                                          f"{column}={r[column]}")})
+    for variant in _extra(ctx.results, prefix, placed):
+        rows.append({column: variant[len(prefix):],
+                     **_ablation_cells(ctx, variant, {"top1": NOT_IN_PAPER, "miou": NOT_IN_PAPER},
+                                       stem.split("_")[0], "none (not in the paper)")})
+    return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), _ablation_notes(ctx, placed))
 
 
-def table6(index: RunIndex) -> pd.DataFrame:
-    """Fill: ``mix`` is the default variant, the others ``fill-<name>``."""
-    return _named_ablation_table(index, "table6_filling", "fill", "fill",
-                                 lambda fill: "default" if fill == "mix" else f"fill-{fill}", "fill-")
+def table6(ctx: Context) -> Table:
+    return _named_ablation(ctx, "table6_filling", "fill", lambda f: "default" if f == "mix" else f"fill-{f}", "fill-")
 
 
-def table7(index: RunIndex) -> pd.DataFrame:
-    """Dual reconstruction: on is the default variant, off is ``dual-off``."""
-    return _named_ablation_table(index, "table7_dual", "dual", "dual",
-                                 lambda dual: "default" if dual == "true" else "dual-off", "dual-")
+def table7(ctx: Context) -> Table:
+    return _named_ablation(ctx, "table7_dual", "dual", lambda d: "default" if d == "true" else "dual-off", "dual-")
 
 
-def _mask_params(result: Ablation) -> tuple[str, float | None, float | None]:
-    """(mask type, ratio, range) a variant pretrained with, from its pretraining run's params."""
-    run = result.pretrain
-    if run is None:
-        return "", None, None
-    return run.param("mask_type") or "random", run.number("mask_ratio"), run.number("range_mask_ratio") or 0.0
+def _mask_variant(mask_type: str, ratio: str, spread: str) -> str:
+    if float(spread) == 0.0:
+        return "default" if mask_type == "random" else f"mask-{mask_type}"
+    return f"mask-range-{round(float(ratio) * 100)}-{round(float(spread) * 100)}"
 
 
-def _mask_matches(result: Ablation, mask_type: str, ratio: str, spread: str) -> bool:
-    kind, own_ratio, own_spread = _mask_params(result)
-    return kind == mask_type and _same(ratio, own_ratio) and _same(spread, own_spread)
-
-
-def table8(index: RunIndex) -> pd.DataFrame:
-    """Masking: random 0.5 is the default, ``mask-block`` the block row; ranged ratios match by params."""
+def table8(ctx: Context) -> Table:
     paper = paper_table("table8_masking")
-    ranged = [ablation(index, v) for v in index.variants("ablations")
-              if v.startswith("mask-") and v != "mask-block"]
-    rows, placed = [], ["mask-block"]
+    rows, placed = [], []
     for _, r in paper.iterrows():
-        if float(r.range_mask_ratio) == 0.0:
-            result: Ablation | None = ablation(index, "default" if r.mask_type == "random" else "mask-block")
-        else:
-            result = next((a for a in ranged if _mask_matches(a, r.mask_type, r.mask_ratio, r.range_mask_ratio)),
-                          None)
-        cells = _ablation_cells(index, result, r.top1, r.miou)
-        if result is not None:
-            placed.append(result.variant)
-        elif float(r.range_mask_ratio) > 0:
-            cells["top1 (ours)"] = cells["mIoU (ours)"] = missing(
-                f"no ablation pretrained with ratio {r.mask_ratio} + U(0, {r.range_mask_ratio})")
-        rows.append({"mask type": r.mask_type, "mask ratio": r.mask_ratio, "range mask ratio": r.range_mask_ratio,
-                     **cells})
-    for variant in _extra_variants(index, "mask-", placed):
-        result = ablation(index, variant)
-        kind, ratio, spread = _mask_params(result)
-        rows.append({"mask type": kind or "?", "mask ratio": _count(ratio) or "?",
-                     "range mask ratio": _count(spread) or "?",
-                     **_ablation_cells(index, result, NOT_IN_PAPER, NOT_IN_PAPER)})
-    return pd.DataFrame(rows)
+        variant = _mask_variant(r.mask_type, r.mask_ratio, r.range_mask_ratio)
+        placed.append(variant)
+        rows.append({"mask_type": r.mask_type, "mask_ratio": r.mask_ratio, "range_mask_ratio": r.range_mask_ratio,
+                     **_ablation_cells(ctx, variant, r, "table8", f"{r.mask_type} {r.mask_ratio} + U(0, "
+                                       f"{r.range_mask_ratio})")})
+    for variant in _extra(ctx.results, "mask-", placed):
+        match = re.fullmatch(r"mask-range-(\d+)-(\d+)", variant)
+        kind, ratio, spread = ("random", f"{int(match[1]) / 100:g}", f"{int(match[2]) / 100:g}") if match else (
+            variant[5:], "?", "?")
+        rows.append({"mask_type": kind, "mask_ratio": ratio, "range_mask_ratio": spread,
+                     **_ablation_cells(ctx, variant, {"top1": NOT_IN_PAPER, "miou": NOT_IN_PAPER}, "table8",
+                                       "none (not in the paper)")})
+    return Table("table8_masking", *PAPER_TABLES["table8_masking"], pd.DataFrame(rows), _ablation_notes(ctx, placed))
 
 
-def _variant_epochs(index: RunIndex, result: Ablation) -> int | None:
-    """Pretraining epochs of a variant: ``epochs-<n>`` names them, else its pretraining run's params."""
-    match = re.fullmatch(r"epochs-(\d+)", result.variant)
-    if match:
-        return int(match[1])
-    run = result.pretrain or (index.pretrain_for(result.finetune) if result.finetune else None)
-    epochs = run.number("epochs") if run is not None else None
-    return None if epochs is None else int(epochs)
-
-
-def table9(index: RunIndex) -> pd.DataFrame:
-    """Pretraining epochs: our sweep (default + ``epochs-<n>``) next to the paper's 300/600/900.
-
-    Our budgets are the paper's only at paper scale. At a smaller scale the sweep keeps
-    the paper's shape (e.g. 1x, 2x, 3x), so when none of our budgets equals a paper row,
-    the i-th shortest of ours is shown on the i-th paper row, with its epochs spelled out.
-    """
+def table9(ctx: Context) -> Table:
+    """Pretraining epochs: each variant on the paper row of the same ratio to the setting's default budget."""
+    res = ctx.results
     paper = paper_table("table9_epochs")
-    sweep: dict[int, Ablation] = {}
-    for variant in ["default"] + [v for v in index.variants("ablations") if v.startswith("epochs-")]:
-        result = ablation(index, variant)
-        epochs = _variant_epochs(index, result) if result.ran else None
-        if epochs is not None and epochs not in sweep:
-            sweep[epochs] = result
-    paper_epochs = [int(e) for e in paper.pretrain_epochs]
-    exact = {e: sweep[e] for e in paper_epochs if e in sweep}
-    if exact:
-        assignment = exact
-    else:  # a scaled-down sweep: pair by rank
-        assignment = dict(zip(paper_epochs, (sweep[e] for e in sorted(sweep))))
-    placed = {id(a) for a in assignment.values()}
+    budgets = [int(e) for e in paper.pretrain_epochs]
+    default = pretrain_epochs(res, "ablations", "default")
+    sweep = ["default"] + [k for k in _extra(res, "epochs-", []) if k != "default"]
+    assigned: dict[int, str] = {}
+    unplaced = []
+    for variant in sweep:
+        epochs = pretrain_epochs(res, "ablations", variant)
+        if epochs is None:
+            match = re.fullmatch(r"epochs-(\d+)", variant)
+            epochs = float(match[1]) if match else None
+        budget, _ = place_budget(epochs, default, PAPER_DEFAULT_EPOCHS["ablations"], budgets)
+        if budget is not None and budget not in assigned and any(res.group("ablations", s, variant)
+                                                                 for _, s in ABLATION_MEASURES):
+            assigned[budget] = variant
+        elif any(res.group("ablations", s, variant) for _, s in ABLATION_MEASURES):
+            unplaced.append((epochs, variant))
     rows = []
     for _, r in paper.iterrows():
-        result = assignment.get(int(r.pretrain_epochs))
-        ours_epochs = _variant_epochs(index, result) if result is not None else None
-        cells = _ablation_cells(index, result, r.top1, r.miou)
-        if result is None:
-            cells["top1 (ours)"] = cells["mIoU (ours)"] = missing(
-                f"no {r.pretrain_epochs}-epoch run" if exact else f"our sweep has {len(sweep)} budget(s)")
-        rows.append({"pretrain epochs (paper)": r.pretrain_epochs,
-                     "pretrain epochs (ours)": str(ours_epochs) if ours_epochs is not None else "", **cells})
-    for epochs in sorted(sweep):
-        if id(sweep[epochs]) not in placed:
-            rows.append({"pretrain epochs (paper)": NOT_IN_PAPER, "pretrain epochs (ours)": str(epochs),
-                         **_ablation_cells(index, sweep[epochs], NOT_IN_PAPER, NOT_IN_PAPER)})
-    return pd.DataFrame(rows)
+        variant = assigned.get(int(r.pretrain_epochs))
+        epochs = pretrain_epochs(res, "ablations", variant) if variant else None
+        why = f"no variant at {int(r.pretrain_epochs) / PAPER_DEFAULT_EPOCHS['ablations']:g}x our default budget"
+        rows.append({"pretrain_epochs_paper": r.pretrain_epochs, "pretrain_epochs_ours": _count(epochs)
+                     if variant else "", **_ablation_cells(ctx, variant, r, "table9",
+                                                           f"{r.pretrain_epochs} epochs", why)})
+    for epochs, variant in sorted(unplaced, key=lambda x: (x[0] is None, x[0] or 0)):
+        rows.append({"pretrain_epochs_paper": NOT_IN_PAPER, "pretrain_epochs_ours": _count(epochs),
+                     **_ablation_cells(ctx, variant, {"top1": NOT_IN_PAPER, "miou": NOT_IN_PAPER}, "table9",
+                                       "none (no paper row at this budget ratio)")})
+    return Table("table9_epochs", *PAPER_TABLES["table9_epochs"], pd.DataFrame(rows),
+                 _ablation_notes(ctx, list(assigned.values()) + [v for _, v in unplaced]))
 
 
-_UNMIX_VARIANTS = {"none (w/o unmixing)": "unmix-none", "mix embedding": "unmix-mix_embedding",
-                   "masked self-attention": "default"}
+_UNMIX = {"none (w/o unmixing)": "unmix-none", "mix embedding": "unmix-mix_embedding",
+          "masked self-attention": "default"}
 
 
-def table10(index: RunIndex) -> pd.DataFrame:
-    """Unmixing: ``unmix-none``, ``unmix-mix_embedding`` and masked attention (the default)."""
+def table10(ctx: Context) -> Table:
+    """Unmixing: our default-budget runs stand beside the paper's 300-epoch column (its ablation default)."""
     paper = paper_table("table10_unmixing")
     rows, placed = [], []
     for _, r in paper.iterrows():
-        variant = _UNMIX_VARIANTS.get(r.approach, "")
-        result = ablation(index, variant) if variant else None
-        placed.append(variant)
-        cells = _ablation_cells(index, result, "", None, want_miou=False)
-        cells.pop("top1 (paper)")
-        epochs = _variant_epochs(index, result) if result is not None and result.ran else None
-        if result is not None and not result.ran:
-            cells["variant (ours)"] = variant
-        rows.append({"approach": r.approach, "GFLOPs": r.flops_g, "params (M)": r.params_m,
-                     "top1 300 ep (paper)": r.top1_300ep, "top1 600 ep (paper)": r.top1_600ep,
-                     "top1 900 ep (paper)": r.top1_900ep, "top1 (ours)": cells.pop("top1 (ours)"),
-                     "pretrain epochs (ours)": str(epochs) if epochs is not None else "", **cells})
-    for variant in _extra_variants(index, "unmix-", placed):
-        result = ablation(index, variant)
-        cells = _ablation_cells(index, result, "", None, want_miou=False)
-        cells.pop("top1 (paper)")
-        rows.append({"approach": variant[len("unmix-"):], "GFLOPs": NOT_IN_PAPER, "params (M)": NOT_IN_PAPER,
-                     "top1 300 ep (paper)": NOT_IN_PAPER, "top1 600 ep (paper)": NOT_IN_PAPER,
-                     "top1 900 ep (paper)": NOT_IN_PAPER, "top1 (ours)": cells.pop("top1 (ours)"),
-                     "pretrain epochs (ours)": str(_variant_epochs(index, result) or ""), **cells})
-    return pd.DataFrame(rows)
+        variant = _UNMIX.get(r.approach)
+        placed.append(variant or "")
+        cells = _ablation_cells(ctx, variant, {"top1": r.top1_300ep}, "table10", f"{r.approach}, 300-epoch column",
+                                "no such variant")
+        rows.append({"approach": r.approach, "GFLOPs (paper's model)": r.flops_g, "params M (paper's model)": r.params_m,
+                     "top1_600ep_paper": r.top1_600ep, "top1_900ep_paper": r.top1_900ep, **cells})
+    for variant in _extra(ctx.results, "unmix-", placed):
+        rows.append({"approach": variant[len("unmix-"):], "GFLOPs (paper's model)": NOT_IN_PAPER,
+                     "params M (paper's model)": NOT_IN_PAPER, "top1_600ep_paper": NOT_IN_PAPER,
+                     "top1_900ep_paper": NOT_IN_PAPER,
+                     **_ablation_cells(ctx, variant, {"top1": NOT_IN_PAPER}, "table10", "none (not in the paper)")})
+    frame = pd.DataFrame(rows).rename(columns={"top1_paper": "top1_300ep_paper"})
+    return Table("table10_unmixing", *PAPER_TABLES["table10_unmixing"], frame, _ablation_notes(ctx, placed))
 
 
-# --------------------------------------------------------------------------- pretrained vs scratch
+# --------------------------------------------------------------------------- mapping
 
 
-def pretrained_vs_scratch(index: RunIndex) -> pd.DataFrame:
-    """The default pipeline's key result: the same encoder and budget, MixMIM-pretrained vs from scratch.
+MAPPING = ("run_mapping", "Which paper row each run stands beside",
+           "every run of ours shown in a table, its budget, the paper row beside it and why")
 
-    One row per classification set with a finetune or scratch run (ImageNet always). The
-    gain is only computed when both ran; unequal finetuning budgets are flagged because
-    they would make the comparison unfair.
-    """
-    rows = []
-    for dataset in CLS_DATASETS:
-        pre = index.find("default", "finetune", dataset=dataset)
-        scratch = index.find("default", "scratch", dataset=dataset)
-        probe = index.find("default", "linear_probe", dataset=dataset)
-        if dataset != "imagenet" and pre is None and scratch is None:
-            continue
-        a = pre.metric("final/top1") if pre else None
-        b = scratch.metric("final/top1") if scratch else None
-        gain = f"{a - b:+.1f}" if a is not None and b is not None else missing("needs both runs")
-        budgets = [_count(run.number("epochs")) if run else None for run in (pre, scratch)]
-        budget = " / ".join(e or "?" for e in budgets)
-        if budgets[0] and budgets[1] and budgets[0] != budgets[1]:
-            budget += " (budgets differ)"
-        rows.append({
-            "dataset": dataset,
-            "top1 MixMIM-pretrained (ours)": percent(a, index.reason("default", "finetune", dataset=dataset)),
-            "top1 from scratch (ours)": percent(b, index.reason("default", "scratch", dataset=dataset)),
-            "gain (points)": gain,
-            "top1 linear probe (ours)": percent(probe.metric("final/top1") if probe else None,
-                                                index.reason("default", "linear_probe", dataset=dataset)),
-            "finetune epochs (pretrained / scratch)": budget,
-            "scale (ours)": scale_label(pre or scratch, index),
-        })
-    return pd.DataFrame(rows)
+MAPPING_RULE = (
+    "One rule for every table: a run stands beside the paper row of the same configuration (method, variant, "
+    "encoder family; a CPU-size model beside the family's smallest paper model), and budgets are matched by "
+    "their ratio to the setting's default: our pipeline's default pretraining budget stands for the paper's "
+    "default, which is 600 epochs for the main results (Tables 2, 4, 5; paper section 3) and 300 for the "
+    "ablations (Tables 6-10; section 5). A variant with twice our default budget stands beside twice the "
+    "paper's default, and where the paper has no such row the run gets its own row. Tables 3 and 13 compare "
+    "encoder families at each paper row's own budget. Values are always the last epoch's.")
+
+
+def mapping_table(ctx: Context) -> Table:
+    frame = pd.DataFrame(ctx.mapping, columns=["table", "pipeline", "run", "seeds", "budget (ours)", "paper row",
+                                               "why"])
+    return Table(MAPPING[0], MAPPING[1], MAPPING[2], frame, (MAPPING_RULE,))
 
 
 # --------------------------------------------------------------------------- all
 
 
-def build_tables(index: RunIndex) -> list[Table]:
-    """Every table of the report, in the paper's order, the pretrained-vs-scratch table first."""
-    builders: dict[str, Callable[[RunIndex], pd.DataFrame]] = {
-        "table2_in1k_mim": table2, "table3_same_encoder": table3,
-        "table4_coco_ade20k": table4, "table5_cls_transfer": table5,
-        "table6_filling": table6, "table7_dual": table7, "table8_masking": table8, "table9_epochs": table9,
-        "table10_unmixing": table10, "table13_convnets": table13,
-    }
-    key, title, description = PRETRAINED_VS_SCRATCH
-    tables = [Table(key, title, description, pretrained_vs_scratch(index))]
-    for stem, build in builders.items():
-        title, description = PAPER_TABLES[stem]
-        tables.append(Table(stem, title, description, build(index)))
+BUILDERS: dict[str, Callable[[Context], Table]] = {
+    "table2_in1k_mim": table2, "table3_same_encoder": table3, "table4_coco_ade20k": table4,
+    "table5_cls_transfer": table5, "table6_filling": table6, "table7_dual": table7, "table8_masking": table8,
+    "table9_epochs": table9, "table10_unmixing": table10, "table13_convnets": table13,
+}
+
+
+def build_tables(results: Results, resamples: int = DEFAULT_RESAMPLES,
+                 extra: Sequence[Callable[[Context], Table]] = ()) -> list[Table]:
+    """Every table of the report in the paper's order, then ``extra`` builders, then the run mapping."""
+    ctx = Context(results, resamples)
+    tables = [build(ctx) for build in BUILDERS.values()]
+    tables += [build(ctx) for build in extra]
+    tables.append(mapping_table(ctx))
     return tables
