@@ -241,7 +241,7 @@ def test_probe_script_needs_a_checkpoint_for_pretrained_weights(capsys):
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--dataset", "imagenet", "--metrics", "m.json"])
-    assert exit_info.value.code == 2 and "--init pretrained needs --checkpoint" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--weights pretrained needs --checkpoint" in capsys.readouterr().err
 
 
 def test_online_knn_on_another_dataset_needs_its_root(data_root):
