@@ -104,8 +104,9 @@ def scaling_figure(paper: Sequence[Point], ours: Sequence[OursPoint], title: str
         lows = np.array([p.low for p in ours])
         highs = np.array([p.high for p in ours])
         has = ~(np.isnan(lows) | np.isnan(highs))
-        right.errorbar(xpos[has], values[has], yerr=[values[has] - lows[has], highs[has] - values[has]], fmt="o",
-                       color=OURS_COLOUR, capsize=5, markersize=7, label="value, 95% interval")
+        if has.any():
+            right.errorbar(xpos[has], values[has], yerr=[values[has] - lows[has], highs[has] - values[has]],
+                           fmt="o", color=OURS_COLOUR, capsize=5, markersize=7, label="value, 95% interval")
         if (~has).any():
             right.plot(xpos[~has], values[~has], "x", color=OURS_COLOUR, markersize=8, label="value (no interval)")
         for x, p in zip(xpos, ours):
