@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .results import MEASURES, Estimate, Result, chance_level
-from .tables import Context, Table, missing
+from .tables import Context, Table, missing, standard_note
 
 __all__ = ["CALIBRATION_TASKS", "DEFAULT_CALIBRATION", "CalibrationEntry", "calibration_table", "check_calibration"]
 
@@ -138,6 +138,5 @@ def calibration_table(ctx: Context, entries: Mapping[str, CalibrationEntry] | No
              "test gives p < 0.05 (or, without per-image records, the intervals do not overlap). knn_* / linear_*: "
              "k-NN (k=20) and linear-probe top-1 on frozen features of the pretrained and of a random encoder. "
              "chance: most frequent validation class (top-1), majority-class mIoU (ADE20K), 0 (COCO AP).",
-             "Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over validation images "
-             "(2000 resamples; COCO AP and mIoU recomputed from per-image records on each resample).")
+             standard_note(ctx))
     return Table(TITLE[0], TITLE[1], TITLE[2], pd.DataFrame(rows), notes)

@@ -287,10 +287,13 @@ def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure) -> s
             f"{', '.join(map(str, seeds))} seed(s) per variant; chance level ({what}) = {chance_txt}")
 
 
-STANDARD_NOTE = ("Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over "
-                 "validation images (2000 resamples, metric recomputed per resample). Tests: exact McNemar "
-                 "(one seed each, top-1) or paired bootstrap over the shared validation images; resolved = "
-                 "p < 0.05. Values are the last epoch's. Which paper row each run stands beside: run_mapping.")
+def standard_note(ctx: Context) -> str:
+    """How every interval and test of the report was computed."""
+    return ("Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over validation "
+            f"images ({ctx.resamples} resamples, metric recomputed per resample). Tests: exact McNemar (one seed "
+            "each, top-1), else paired bootstrap over the shared validation images of the seed-averaged metric "
+            "(seed-to-seed variance shows in the t intervals, not in the test); resolved = p < 0.05. Values are "
+            "the last epoch's. Which paper row each run stands beside: run_mapping.")
 
 
 # --------------------------------------------------------------------------- Table 2
@@ -331,7 +334,7 @@ def table2(ctx: Context) -> Table:
                    f"MixMIM-B, {budget} epochs" if budget else "none", why)
     notes = (_n_note(ctx, [group, scratch], MEASURES["top1"]),
              "top1_*_vs_scratch: the same encoder and finetuning budget from random initialisation "
-             "(metrics/scratch_imagenet).", STANDARD_NOTE)
+             "(metrics/scratch_imagenet).", standard_note(ctx))
     return Table("table2_in1k_mim", *PAPER_TABLES["table2_in1k_mim"], pd.DataFrame(rows), notes)
 
 
@@ -387,7 +390,7 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
     fams = sorted({f for f, _ in groups})
     notes = (_n_note(ctx, [res.group("backbones", s, f) for f in fams for s in ("finetune", "scratch")], top1),
              "top1_*_vs_scratch (MixMIM rows): the same encoder trained from scratch with the same finetuning "
-             "budget (pipelines/backbones).", STANDARD_NOTE)
+             "budget (pipelines/backbones).", standard_note(ctx))
     return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), notes)
 
 
@@ -453,7 +456,7 @@ def table4(ctx: Context) -> Table:
     notes = (_n_note(ctx, [coco, coco_s], MEASURES["ap_box"]), _n_note(ctx, [ade, ade_s], MEASURES["miou"]),
              "*_vs_scratch: the same detector/segmentor from random initialisation (metrics/scratch_coco, "
              "metrics/scratch_ade20k). Our GFLOPs/params: the dense model each run trained, at its input size, "
-             "as the run counted it (model_gflops/model_params_m in its metrics JSON).", STANDARD_NOTE)
+             "as the run counted it (model_gflops/model_params_m in its metrics JSON).", standard_note(ctx))
     return Table("table4_coco_ade20k", *PAPER_TABLES["table4_coco_ade20k"], pd.DataFrame(rows), notes)
 
 
@@ -526,7 +529,7 @@ def table5(ctx: Context) -> Table:
     notes = (_n_note(ctx, list(groups.values()), top1),
              "average_ours excludes any dataset whose interval reaches its chance level and names it.",
              "*_vs_scratch: the same encoder and budget from random initialisation (metrics/scratch_<dataset>).",
-             STANDARD_NOTE)
+             standard_note(ctx))
     return Table("table5_cls_transfer", *PAPER_TABLES["table5_cls_transfer"], pd.DataFrame(rows), notes)
 
 
@@ -577,7 +580,7 @@ def _ablation_notes(ctx: Context, variants: Sequence[str]) -> tuple[str, ...]:
     notes = [_n_note(ctx, [res.group("ablations", s, v) for v in variants], MEASURES[m])
              for m, s in _ablation_measures(res)]
     notes += ["*_vs_default: each variant against the ablations pipeline's default variant on the same "
-              "validation images.", STANDARD_NOTE]
+              "validation images.", standard_note(ctx)]
     return tuple(notes)
 
 
