@@ -269,3 +269,155 @@ class _health_server:  # noqa: N801 - used like a function
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# --------------------------------------------------------------------------- lifecycle (issue 14)
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import yaml  # noqa: E402
+
+from mixmim.tracking import (  # noqa: E402
+    EXPERIMENT_KIND, PID_TAG, client_uri, close_stale_runs, mark_training_experiments, project_path,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_experiments_are_created_as_training_experiments(store: tuple[str, MlflowClient]) -> None:
+    uri, client = store
+    with Tracker(uri, "kind-new", "run"):
+        pass
+    assert client.get_experiment_by_name("kind-new").tags["mlflow.experimentKind"] == EXPERIMENT_KIND
+    old = client.create_experiment("kind-old")  # made by something else, without the tag
+    assert "kind-old" in mark_training_experiments(uri)
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sigterm_ends_the_run_killed(store: tuple[str, MlflowClient]) -> None:
+    uri, client = store
+    proc = _python("""
+        import sys, time
+        from mixmim.tracking import Tracker
+        with Tracker(sys.argv[1], "sigterm", "long") as t:
+            print(t.run_id, flush=True)
+            time.sleep(60)
+    """, uri)
+    run_id = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+
+
+def test_a_run_whose_process_died_is_closed_killed_by_the_next_run(store: tuple[str, MlflowClient]) -> None:
+    uri, client = store
+    proc = _python("""
+        import os, signal, sys
+        from mixmim.tracking import Tracker
+        t = Tracker(sys.argv[1], "stale", "doomed").__enter__()
+        print(t.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, uri)
+    run_id = proc.stdout.readline().strip()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could close it
+    with Tracker(uri, "stale", "next") as live:
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert close_stale_runs(uri, "stale") == []  # the live run (this process) is left alone
+    assert client.get_run(live.run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags[PID_TAG] == str(proc.pid)
+
+
+def test_resume_run_id_reopens_an_interrupted_run_but_not_a_finished_one(store: tuple[str, MlflowClient]) -> None:
+    uri, client = store
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(uri, "reopen", "first") as first:
+            first.log_params({"lr": 0.1, "workers": 2})
+            first.log_metrics({"loss": 1.0}, step=1)
+            raise KeyboardInterrupt
+    with Tracker(uri, "reopen", "first", resume_run_id=first.run_id) as again:
+        again.log_params({"lr": 0.1, "workers": 4, "new": 1})  # a changed value keeps the first one
+        again.log_metrics({"loss": 0.5}, step=2)
+    assert again.run_id == first.run_id and again.resumed
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mixmim.resumed"] == "1"
+    assert run.data.params == {"lr": "0.1", "workers": "2", "new": "1"}
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
+    with Tracker(uri, "reopen", "first", resume_run_id=first.run_id) as third:
+        pass
+    assert third.run_id != first.run_id and not third.resumed
+
+
+def test_two_processes_log_to_one_sqlite_store_at_once(tmp_path: Path) -> None:
+    """Two queued DVC experiments (`dvc queue start -j 2`) write to the project's store together."""
+    uri = default_tracking_uri(tmp_path)
+    assert client_uri(uri).endswith("?timeout=60")
+    MlflowClient(uri).search_experiments()  # migrations once, as a prior run would have done
+    code = """
+        import sys
+        from mixmim.tracking import Tracker
+        with Tracker(sys.argv[1], "concurrent", sys.argv[2]) as t:
+            for step in range(150):
+                t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+                t.set_tags({"last": str(step)})
+    """
+    procs = [_python(code, uri, name) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "locked" not in err
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 150 for r in runs)
+
+
+def test_a_store_inside_a_dvc_experiment_workspace_maps_to_the_project(tmp_path: Path) -> None:
+    workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    (workspace / ".dvc").mkdir(parents=True)
+    assert project_path(workspace / "mlflow.db") == tmp_path / "project" / "mlflow.db"
+    assert project_path(workspace / "pipelines" / "x" / "y.db") == tmp_path / "project" / "pipelines" / "x" / "y.db"
+    assert project_path(tmp_path / "elsewhere" / "mlflow.db") == tmp_path / "elsewhere" / "mlflow.db"
+
+
+def test_a_killed_and_resumed_pretraining_is_one_finished_run(tmp_path: Path) -> None:
+    """SIGKILL mid-run, then the same stage again: one MLflow run, FINISHED, with every step once
+    before the kill's checkpoint and the rest after it (a continuous curve)."""
+    from mixmim.data.builtin import write_imagenet
+
+    write_imagenet(tmp_path / "imagenet", seed=0, image_size=64, num_classes=2, train_per_class=8, val_per_class=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "roots": {"imagenet": "imagenet"},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "resume", "pipeline": "tests"},
+        "pretrain": {"model": "mixmim_nano", "epochs": 2, "warmup_epochs": 0, "batch_size": 4, "num_workers": 0,
+                     "log_every_steps": 1, "progress": False},
+    }))
+    argv = [sys.executable, str(REPO / "stages" / "pretrain.py"), "--params", "params.yaml", "--seed", "0",
+            "--run-dir", "runs/pre", "--metrics", "m.json", "--plots", "p.csv"]
+    env = {**os.environ, "MIXMIM_PARENT_RUN_ID": ""}
+    killed = subprocess.run(argv, cwd=tmp_path, env={**env, "MIXMIM_KILL_AT_STEP": "6"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
+                              "attributes.run_name = 'pretrain/default/s0'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["mixmim.resumed"] == "1"
+    assert json.loads((tmp_path / "m.json").read_text())["run_id"] == run.info.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(1, 9))  # 2 epochs x 4 steps, none missing
+    # steps 5-6 ran before the kill and again after the resume from the epoch-1 checkpoint
+    assert sorted(steps) == [1, 2, 3, 4, 5, 5, 6, 6, 7, 8]
