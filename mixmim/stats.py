@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as _sp
 
 __all__ = [
-    "COCO_IOU_THRESHOLDS", "COCO_RECALL_POINTS", "Interval", "PairedTest", "bootstrap_indices",
+    "COCO_IOU_THRESHOLDS", "COCO_RECALL_POINTS", "CocoAP", "Interval", "PairedTest", "bootstrap_indices",
     "bootstrap_interval", "coco_ap_from_records", "mcnemar_exact", "miou_from_counts", "paired_bootstrap_test",
     "t_interval",
 ]
@@ -201,42 +201,66 @@ def miou_from_counts(intersection: np.ndarray, union: np.ndarray, idx: np.ndarra
     return float((i[keep] / u[keep]).mean()) if keep.any() else math.nan
 
 
-def coco_ap_from_records(images: Sequence[Mapping[str, Any]], idx: Sequence[int] | np.ndarray | None = None,
-                         thresholds: int = len(COCO_IOU_THRESHOLDS)) -> float:
-    """COCO AP (IoU 0.5:0.95, all areas, 100 detections) recomputed from per-image match records.
+class CocoAP:
+    """COCO AP (IoU 0.5:0.95, all areas, 100 detections) of any multiset of images, from per-image match records.
 
     Each image record holds ``gt``: {category: number of non-ignored ground truths} and
     ``dets``: [[category, score, matched_bits, ignored_bits], ...] where bit t says whether
     the detection matched a ground truth (or matched an ignored one) at the t-th IoU
-    threshold, as ``COCOeval.evaluateImg`` decided. Matching is per image, so the AP of any
-    multiset of images (``idx``; repeats count twice) follows by concatenating their
-    records and repeating ``COCOeval.accumulate``: stable sort by score, cumulative TP/FP,
-    precision made monotone, sampled at 101 recall points, averaged over thresholds and
-    the categories that have ground truth.
+    threshold, as ``COCOeval.evaluateImg`` decided. Matching is per image, so the AP of a
+    multiset of images follows from their records alone by repeating ``COCOeval.accumulate``:
+    detections in stable score order (images in record order), cumulative TP/FP, precision
+    made monotone, sampled at 101 recall points, averaged over thresholds and the categories
+    with ground truth. Records are sorted once here; an image drawn k times weighs its
+    detections and ground truths k times, which gives the same curve as k copies of the
+    image (a repeated true positive only adds a point that the next copy dominates), up to
+    the order of detections with exactly equal scores.
     """
-    chosen = [images[i] for i in (range(len(images)) if idx is None else idx)]
-    cats = sorted({int(c) for im in chosen for c in im["gt"]} | {int(d[0]) for im in chosen for d in im["dets"]})
-    bits = 1 << np.arange(thresholds)
-    per_cat = []
-    for cat in cats:
-        n_gt = sum(int(im["gt"].get(str(cat), im["gt"].get(cat, 0))) for im in chosen)
-        if n_gt == 0:
-            continue
-        dets = [d for im in chosen for d in im["dets"] if int(d[0]) == cat]
-        precision = np.zeros((thresholds, len(COCO_RECALL_POINTS)))
-        if dets:
-            scores = np.array([float(d[1]) for d in dets])
-            order = np.argsort(-scores, kind="mergesort")
-            matched = (np.array([int(d[2]) for d in dets])[order, None] & bits) > 0
-            ignored = (np.array([int(d[3]) for d in dets])[order, None] & bits) > 0
-            tp = np.cumsum(matched & ~ignored, axis=0, dtype=np.float64)
-            fp = np.cumsum(~matched & ~ignored, axis=0, dtype=np.float64)
-            for t in range(thresholds):
-                recall = tp[:, t] / n_gt
-                prec = tp[:, t] / (tp[:, t] + fp[:, t] + np.spacing(1))
-                prec = np.maximum.accumulate(prec[::-1])[::-1]
-                where = np.searchsorted(recall, COCO_RECALL_POINTS, side="left")
-                ok = where < len(prec)
-                precision[t, ok] = prec[where[ok]]
-        per_cat.append(precision)
-    return float(np.mean(per_cat)) if per_cat else math.nan
+
+    def __init__(self, images: Sequence[Mapping[str, Any]], thresholds: int = len(COCO_IOU_THRESHOLDS)) -> None:
+        self.n = len(images)
+        self.thresholds = thresholds
+        bits = 1 << np.arange(thresholds)
+        cats = sorted({int(c) for im in images for c in im["gt"]} | {int(d[0]) for im in images for d in im["dets"]})
+        self.cats = []
+        for cat in cats:
+            gt = np.array([int(im["gt"].get(str(cat), im["gt"].get(cat, 0))) for im in images], dtype=np.float64)
+            rows = [(i, float(d[1]), int(d[2]), int(d[3])) for i, im in enumerate(images) for d in im["dets"]
+                    if int(d[0]) == cat]
+            image = np.array([r[0] for r in rows], dtype=np.int64)
+            score = np.array([r[1] for r in rows], dtype=np.float64)
+            order = np.argsort(-score, kind="mergesort")
+            matched = (np.array([r[2] for r in rows], dtype=np.int64)[:, None] & bits) > 0
+            ignored = (np.array([r[3] for r in rows], dtype=np.int64)[:, None] & bits) > 0
+            tp = (matched & ~ignored)[order].astype(np.float64).reshape(len(rows), thresholds)
+            fp = (~matched & ~ignored)[order].astype(np.float64).reshape(len(rows), thresholds)
+            self.cats.append((gt, image[order], tp, fp))
+
+    def __call__(self, idx: Sequence[int] | np.ndarray | None = None) -> float:
+        weight = np.ones(self.n) if idx is None else np.bincount(np.asarray(idx, dtype=np.int64), minlength=self.n)
+        per_cat = []
+        for gt, image, tp, fp in self.cats:
+            n_gt = float(gt @ weight)
+            if n_gt == 0:
+                continue
+            precision = np.zeros((self.thresholds, len(COCO_RECALL_POINTS)))
+            w = weight[image]
+            keep = w > 0
+            if keep.any():
+                tps = np.cumsum(tp[keep] * w[keep, None], axis=0)
+                fps = np.cumsum(fp[keep] * w[keep, None], axis=0)
+                for t in range(self.thresholds):
+                    recall = tps[:, t] / n_gt
+                    prec = tps[:, t] / (tps[:, t] + fps[:, t] + np.spacing(1))
+                    prec = np.maximum.accumulate(prec[::-1])[::-1]
+                    where = np.searchsorted(recall, COCO_RECALL_POINTS, side="left")
+                    ok = where < len(prec)
+                    precision[t, ok] = prec[where[ok]]
+            per_cat.append(precision)
+        return float(np.mean(per_cat)) if per_cat else math.nan
+
+
+def coco_ap_from_records(images: Sequence[Mapping[str, Any]], idx: Sequence[int] | np.ndarray | None = None,
+                         thresholds: int = len(COCO_IOU_THRESHOLDS)) -> float:
+    """COCO AP of the images ``idx`` (repeats count again; None: all) from per-image records (:class:`CocoAP`)."""
+    return CocoAP(images, thresholds)(idx)

@@ -163,6 +163,29 @@ def test_coco_ap_from_records_equals_cocoeval(seed):
     assert stats.coco_ap_from_records(records, subset) == pytest.approx(sub.stats[0], abs=1e-12)
 
 
+def test_coco_ap_of_a_resample_with_repeats_equals_cocoeval_on_copied_images():
+    """An image drawn twice counts like two copies of it in COCOeval (new ids, same boxes and scores)."""
+    from pycocotools.coco import COCO
+
+    coco, dets = _coco_fixture(2, images=8)
+    ids = sorted(coco.getImgIds())
+    records = coco_match_records(_cocoeval(coco, dets, ids), ids, prune=False)
+    draw = [0, 0, 3, 5, 5, 5, 7]
+    images, anns, copies, aid = [], [], [], 1
+    for new_id, i in enumerate(draw, start=1):
+        images.append({"id": new_id, "width": 100, "height": 100})
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[ids[i]])):
+            anns.append({**ann, "id": aid, "image_id": new_id})
+            aid += 1
+        copies += [{**d, "image_id": new_id} for d in dets if d["image_id"] == ids[i]]
+    copied = COCO()
+    copied.dataset = {"images": images, "annotations": anns, "categories": coco.dataset["categories"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        copied.createIndex()
+    expected = _cocoeval(copied, copies, list(range(1, len(draw) + 1))).stats[0]
+    assert stats.coco_ap_from_records(records, draw) == pytest.approx(expected, abs=1e-12)
+
+
 def test_coco_bootstrap_interval_brackets_full_ap():
     coco, dets = _coco_fixture(3, images=30)
     ids = sorted(coco.getImgIds())

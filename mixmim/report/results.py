@@ -158,8 +158,8 @@ class Measure:
         if self.kind == "segmentation":
             inter, union = np.asarray(record["intersection"]), np.asarray(record["union"])
             return lambda idx: 100.0 * stats.miou_from_counts(inter, union, idx)
-        images = record["box" if self.kind == "detection-box" else "mask"]
-        return lambda idx: 100.0 * stats.coco_ap_from_records(images, idx)
+        ap = stats.CocoAP(record["box" if self.kind == "detection-box" else "mask"])
+        return lambda idx: 100.0 * ap(idx)
 
 
 MEASURES: dict[str, Measure] = {
