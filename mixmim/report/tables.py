@@ -191,6 +191,10 @@ def scale_label(results: Results, group: list[Result], pretrained: bool = True) 
         return ""
     r = group[0]
     parts = [str(r.metrics.get("model") or "model ?")]
+    overrides = r.metrics.get("model_kwargs")
+    if isinstance(overrides, Mapping) and overrides:  # encoder arguments the run changed (decoder's left out)
+        words = [f"{k}={overrides[k]}" for k in sorted(overrides) if not str(k).startswith("decoder_")]
+        parts[0] += f" ({', '.join(words)})" if words else ""
     if r.value("img_size") is not None:
         parts.append(f"{_count(r.value('img_size'))} px")
     own = (f"{_count(r.value('epochs'))} {'finetune' if r.stage in ('finetune', 'scratch') else 'transfer'} epochs"
