@@ -106,7 +106,7 @@ def _stage_seed(stage_params: Mapping[str, Any], seed: int | None, where: str) -
 
 def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str, variant: str, dataset: str,
                  run_dir: str, seed: int | None, owned: Mapping[str, Any] | None = None,
-                 from_section: Sequence[str] = ()) -> Any:
+                 from_section: Sequence[str] = (), root: str | None = None) -> Any:
     """The engine config of one stage run, checked as a whole.
 
     ``owned`` holds the values the stage sets itself (dataset, init; ``from_section`` names those
@@ -128,7 +128,7 @@ def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str,
               **tracking_fields(params, stage, variant, dataset, str(model), stage_params, seed)}
     cfg = from_mapping(cls, values, where=where)
     _check_dense(cfg, where)
-    values["data_root"] = params.dataset_root(dataset)
+    values["data_root"] = params.dataset_root(root or dataset)  # root: a roots key other than the dataset's
     parent = _group_run(params, stage, variant, dataset, str(model))
     cfg = from_mapping(cls, {**values, "parent_run_id": parent}, where=where)
     _check_dense(cfg, where)
@@ -166,7 +166,10 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
     from .engine.pretrain import pretrain
 
     dataset = merged(params, sections).get("dataset", "imagenet")
-    cfg = stage_config(PretrainConfig, params, sections, "pretrain", variant, str(dataset), run_dir, seed)
+    # `roots.pretrain`, when present, holds the (unlabeled) pretraining images in `dataset`'s layout:
+    # the built-in pipeline pretrains on a set larger than its labeled stand-ins, as the paper does on ImageNet
+    root = "pretrain" if "pretrain" in (params.data.get("roots") or {}) else None
+    cfg = stage_config(PretrainConfig, params, sections, "pretrain", variant, str(dataset), run_dir, seed, root=root)
     result = pretrain(cfg)
     if not is_main_process():
         return result

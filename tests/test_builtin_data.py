@@ -26,7 +26,7 @@ from mixmim.data.builtin import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = BuiltinSizes(image_size=32, num_classes=3, train_per_class=2, val_per_class=2,
-                    dense_image_size=64, dense_train=4, dense_val=2)
+                    dense_image_size=64, dense_train=4, dense_val=2, unlabeled_images=10)
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +218,36 @@ def test_ade20k_label_maps(root: Path, split: str, folder: str, prefix: str) -> 
 
 
 def test_ade20k_labels_follow_painted_regions(tmp_path: Path) -> None:
-    """Each class's pixels have that class's look (e.g. sky is bright and blue)."""
-    base = builtin.write_ade20k(tmp_path / "ade", seed=1, image_size=96, num_train=6, num_val=1)
+    """Each class's pixels have that class's look: after the random hue rotation colour no
+    longer names the class, but sky stays bright and smooth and grass darker and noisy."""
+    base = builtin.write_ade20k(tmp_path / "ade", seed=1, image_size=96, num_train=8, num_val=1)
     root = base / "ADEChallengeData2016"
     pixels: dict[int, list[np.ndarray]] = {}
+    roughness: dict[int, list[float]] = {}
+    hues = []
     for path in sorted((root / "images" / "training").iterdir()):
         img = _rgb(path)
         labels = np.asarray(Image.open(root / "annotations" / "training" / (path.stem + ".png")))
+        step = np.abs(np.diff(img, axis=1)).mean(-1)  # horizontal pixel-to-pixel change
         for cls in np.unique(labels):
-            pixels.setdefault(int(cls), []).append(img[builtin.erode(labels == cls, 1)])
-    sky, grass = np.concatenate(pixels[1]).mean(0), np.concatenate(pixels[4]).mean(0)
-    assert sky[2] > sky[0] + 0.1 and sky[2] > 0.6  # blue and bright
-    assert grass[1] > grass[0] + 0.1 and grass[1] > grass[2] + 0.1  # green
+            inner = builtin.erode(labels == cls, 1)
+            pixels.setdefault(int(cls), []).append(img[inner])
+            roughness.setdefault(int(cls), []).append(float(step[inner[:, 1:] & inner[:, :-1]].mean()))
+        hues.append(img[labels == 1].mean(0).argmax())
+    sky, grass = np.concatenate(pixels[1]).mean(), np.concatenate(pixels[4]).mean()
+    assert sky > grass + 0.1  # brightness survives the hue rotation
+    assert np.mean(roughness[4]) > 1.5 * np.mean(roughness[1])  # grass is textured, sky smooth
+    assert len(set(hues)) > 1  # the sky is not always the same colour
+
+
+def test_rotate_hue_keeps_grey_and_brightness() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.random((4, 4, 3))
+    out = builtin.rotate_hue(img, 2.0)
+    assert np.allclose(out.mean(-1), img.mean(-1))
+    assert np.allclose(builtin.rotate_hue(np.full((2, 2, 3), 0.4), 1.0), 0.4)
+    assert np.allclose(builtin.rotate_hue(img, 2 * np.pi), img)
+    assert not np.allclose(out, img)
 
 
 def test_same_seed_same_bytes_different_seed_different_images(root: Path, tmp_path: Path) -> None:
@@ -378,3 +396,73 @@ def test_prepare_data_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ade20k", "imagenet"]
     meta = json.loads((tmp_path / "imagenet" / builtin.META_FILE).read_text())
     assert meta["seed"] == 2 and meta["image_size"] == 16
+
+
+def test_unlabeled_set_mixes_every_domain_in_imagenet_layout(root: Path) -> None:
+    from mixmim.data import ImageNetDataset
+
+    base = root / DEFAULT_ROOTS["unlabeled"]
+    folders = sorted(p.name for p in (base / "train").iterdir())
+    assert folders == sorted(builtin.UNLABELED_DOMAINS)
+    ds = ImageNetDataset(base, "train")
+    assert len(ds) == TINY.unlabeled_images
+    counts = [len(list((base / "train" / d).iterdir())) for d in folders]
+    assert max(counts) - min(counts) <= 1  # domains interleaved, image i from domain i % 5
+    with pytest.raises(ValueError, match="unlabeled_images=3"):
+        builtin.write_unlabeled(root / "too_few", num_images=3)
+
+
+def test_unlabeled_images_are_not_labeled_images(root: Path) -> None:
+    """The unlabeled set draws from its own random streams: no pixel-identical overlap."""
+    unl = {f.read_bytes() for f in (root / "unlabeled").rglob("*.JPEG")}
+    labeled = {f.read_bytes() for name in ("imagenet", "inat2018", "places365")
+               for f in (root / name).rglob("*") if f.suffix.lower() in (".jpeg", ".jpg")}
+    assert unl and labeled and not unl & labeled
+
+
+def _ablation_pretrain(variant: str) -> dict:
+    import yaml
+
+    params = yaml.safe_load((REPO / "pipelines" / "ablations" / "params.yaml").read_text())
+    return {**params["pretrain"], **params["variants"][variant]}
+
+
+def test_builtin_scale_has_paper_mask_grid() -> None:
+    """The default and ablation pipelines pretrain with at least the paper's 7x7 = 49 mixing cells."""
+    import yaml
+
+    from mixmim.models import build_pretrainer
+
+    default = yaml.safe_load((REPO / "params.yaml").read_text())["pretrain"]
+    for cfg in (default, _ablation_pretrain("default")):
+        model = build_pretrainer(cfg["model"], **cfg.get("model_kwargs", {}))
+        assert model.num_cells >= 49, (cfg["model"], model.encoder.mask_grid)
+
+
+def test_table8_variants_draw_different_mask_distributions() -> None:
+    """Every Table 8 variant (and the default) masks a different distribution of cells at the
+    ablation pipeline's scale: the masked-cell counts (and for block masks, the layouts) differ."""
+    import torch
+
+    from mixmim.models import build_pretrainer
+    from mixmim.models.masking import sample_mask
+
+    variants = ("default", "mask-block", "mask-range-40-20", "mask-range-30-40", "mask-range-20-60")
+    stats = {}
+    for name in variants:
+        cfg = _ablation_pretrain(name)
+        grid = build_pretrainer(cfg["model"], **cfg.get("model_kwargs", {})).encoder.mask_grid
+        g = torch.Generator().manual_seed(0)
+        masks = [sample_mask(grid, cfg.get("mask_type", "random"), cfg.get("mask_ratio", 0.5),
+                             cfg.get("range_mask_ratio", 0.0), generator=g) for _ in range(400)]
+        counts = sorted({int(m.sum()) for m in masks})
+        # contiguity: masked cells with a masked right neighbour (high for one block, ~ratio for random cells)
+        h, w = grid
+        adj = float(np.mean([(m.reshape(h, w)[:, :-1] * m.reshape(h, w)[:, 1:]).sum().item() / max(m.sum().item(), 1)
+                             for m in masks]))
+        stats[name] = (tuple(counts), round(adj, 2))
+    assert len(set(stats.values())) == len(variants), stats  # five different mask distributions
+    spans = [max(stats[n][0]) - min(stats[n][0]) for n in ("mask-range-40-20", "mask-range-30-40", "mask-range-20-60")]
+    assert 0 < spans[0] < spans[1] < spans[2], spans  # a wider ratio range spreads the counts wider
+    assert len(stats["default"][0]) == 1  # a fixed ratio masks a fixed number of cells
+    assert stats["mask-block"][1] > stats["default"][1] + 0.2  # one block is contiguous, random cells are not

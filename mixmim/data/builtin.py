@@ -17,12 +17,13 @@ Every image carries learnable structure and nuisance variation:
   rings, ...) filling a randomly placed "organism" ellipse, in random colours.
 * Places stand-ins -- the class is a *scene layout*: horizon height, sky palette, ground
   type and skyline structure (none / buildings / trees), with jittered colours.
-* COCO stand-in -- 1-4 coloured shapes (category = shape, with a category colour) on a
+* COCO stand-in -- 1-4 shapes in random colours (category = shape only) on a
   textured background.  Objects never overlap (placement rejects overlapping bounding
   circles), so each polygon is fully visible and boxes/masks are exact.
 * ADE20K stand-in -- street/landscape scenes painted class by class (sky, building, tree,
-  grass, road, water, car, person; 0 = "other" clutter).  The label map is painted with the
-  very masks used for the image, so it is exact; labels are PNG, images JPEG.
+  grass, road, water, car, person; 0 = "other" clutter), then hue-rotated at random so that
+  texture, layout and shape rather than colour identify the classes.  The label map is
+  painted with the very masks used for the image, so it is exact; labels are PNG, images JPEG.
 * Unlabeled pretraining set -- the field's regime is pretraining on a large unlabeled
   collection (ImageNet-1K without its labels) and transferring to smaller labeled sets.
   This set is many times larger than any labeled stand-in and mixes every domain above
@@ -221,6 +222,16 @@ def textured_background(rng: np.random.Generator, h: int, w: int, saturation: fl
         stripes = np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period)
         img = img + 0.06 * stripes[..., None]
     return img
+
+
+def rotate_hue(img: Float, angle: float) -> Float:
+    """Rotate every colour about the grey axis by ``angle`` radians (a hue shift that keeps
+    brightness and saturation); grey pixels stay grey."""
+    c, s = np.cos(angle), np.sin(angle)
+    k = (1.0 - c) / 3.0
+    r = np.sqrt(1.0 / 3.0) * s
+    rot = np.array([[c + k, k - r, k + r], [k + r, c + k, k - r], [k - r, k + r, c + k]])
+    return img @ rot.T
 
 
 def finish(img: Float, rng: np.random.Generator, noise: float = 0.03) -> np.ndarray:
@@ -560,7 +571,8 @@ def render_scene_image(rng: np.random.Generator, label: int, size: int, stride: 
 # Dense renderers: COCO-style detection, ADE20K-style segmentation
 # --------------------------------------------------------------------------------------
 
-# (category id, name, unit polygon, hue); ids deliberately non-contiguous like COCO's.
+# (category id, name, unit polygon, hue of the first release, now unused: objects take any colour);
+# ids deliberately non-contiguous like COCO's.
 COCO_CATEGORIES: tuple[tuple[int, str, Polygon, float], ...] = (
     (1, "circle", regular_polygon(32), 0.0),
     (2, "square", regular_polygon(4, phase=np.pi / 4), 0.62),
@@ -580,7 +592,7 @@ class DrawnObject:
 
 
 def render_coco_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[DrawnObject]]:
-    """1-4 non-overlapping category-coloured shapes on a textured background.
+    """1-4 non-overlapping shapes in random colours on a textured background.
 
     Overlaps are avoided by rejecting positions whose bounding circles intersect, so every
     annotation polygon is entirely visible and boxes/masks need no occlusion handling.
@@ -589,7 +601,7 @@ def render_coco_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     placed: list[tuple[float, float, float]] = []
     objects: list[DrawnObject] = []
     for _ in range(int(rng.integers(1, 5))):
-        cat_id, _, unit, hue = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+        cat_id, _, unit, _hue = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
         for _attempt in range(30):
             r = rng.uniform(0.08, 0.22) * size
             cx, cy = rng.uniform(r + 1, size - r - 1, 2)
@@ -598,7 +610,8 @@ def render_coco_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
         else:
             continue
         poly = np.round(place_polygon(unit, rng.uniform(0, 2 * np.pi), r, cx, cy), 2)
-        colour = hsv(hue + rng.normal(0, 0.02), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+        # any hue: the category is the outline, so colour alone cannot detect or classify it
+        colour = hsv(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
         paint(img, polygon_mask(poly, size, size), colour)
         placed.append((cx, cy, r))
         objects.append(DrawnObject(cat_id, poly))
@@ -690,7 +703,9 @@ def render_ade_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, n
         colour = hsv(rng.random(), rng.uniform(0.0, 1.0), rng.uniform(0.2, 1.0))
         _paint_label(img, labels, polygon_mask(poly, size, size), colour, 0)
 
-    img *= rng.uniform(0.9, 1.1)
+    # A random hue rotation of the whole scene: sky, grass and water are not told apart by
+    # their colour alone but by texture, layout and shape (what a pretrained encoder knows).
+    img = rotate_hue(img, rng.uniform(0, 2 * np.pi)) * rng.uniform(0.9, 1.1)
     return finish(img, rng, noise=0.02), labels
 
 

@@ -116,6 +116,7 @@ class FinetuneConfig(RuntimeConfig):
     crop_pct: float = 0.875
 
 
+    eval_every: int = 1  # evaluate after every N-th epoch (0: only the final evaluation); the last is always evaluated
 # --------------------------------------------------------------------------- #
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
