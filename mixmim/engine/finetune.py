@@ -15,17 +15,16 @@ from ..checkpoint import (
     unwrap_state_dict,
 )
 from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
-from ..models.registry import default_img_size, model_family
 from ..models.adapters import create_timm_model
 from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
-from .config import FinetuneConfig, to_dict
+from .config import ConfigError, FinetuneConfig, to_dict
 from .data import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
 )
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
-from .pretrain import RUN_REF
+from .pretrain import RUN_REF, TIMM_DEFAULT_IMG_SIZE
 from .runner import (
     build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
 )
@@ -73,12 +72,19 @@ def input_size(cfg: FinetuneConfig) -> int:
     """The resolution the run trains at: explicit, else the registered size's (224 for a timm name,
     as in pretraining)."""
     size = cfg.img_size or cfg.model_kwargs.get("img_size")
-    return int(size if size is not None else default_img_size(cfg.model))
+    if size is None:
+        size = MODEL_SIZES[cfg.model].img_size if cfg.model in MODEL_SIZES else TIMM_DEFAULT_IMG_SIZE
+    return int(size)
 
 
 def build_timm_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     """``timm.create_model(cfg.model, num_classes=..., drop_path_rate=..., **model_kwargs)``, with
     ``img_size`` where the family takes it (ViT, Swin); ``init`` loads its encoder weights."""
+    import timm
+
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
+                         "nor a timm model name")
     if cfg.linear_probe:
         raise ValueError(f"linear_probe=true is not supported for the timm encoder {cfg.model}; "
                          "linear probing is implemented for MixMIM sizes only")
@@ -94,12 +100,12 @@ def build_timm_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     """The registered MixMIM size ``cfg.model`` as a classifier, or the plain timm model of that name."""
-    if model_family(cfg.model) == "timm":
+    if cfg.model not in MODEL_SIZES:
         return build_timm_classifier(cfg, num_classes)
     kwargs: dict[str, Any] = {"img_size": input_size(cfg)}
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
-    else:
+    elif cfg.model in MODEL_SIZES:
         kwargs["drop_path_rate"] = MODEL_SIZES[cfg.model].drop_path_rate
     model = build_classifier(cfg.model, num_classes=num_classes, **{**kwargs, **cfg.model_kwargs})
     if cfg.init:
@@ -159,6 +165,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, info: DistIn
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning; returns the history, final and best accuracy, the run id."""
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every={cfg.eval_every}: expected 0 (final evaluation only) or a number of epochs")
     info = init_distributed(cfg.device)
     try:
         out = output_dir(cfg)
@@ -214,6 +222,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "mixmim.init": cfg.init or "scratch"}
         if parent_pretrain:
             tags[PRETRAIN_RUN_TAG] = parent_pretrain
+        def periodic_evaluate(m: nn.Module) -> dict[str, float]:
+            """Validation after every ``eval_every``-th epoch; the final one is evaluated after the loop."""
+            epoch = len(loop.history) + 1  # the epoch being closed
+            if cfg.eval_every > 0 and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:
+                return evaluate(m, val_loader, info, cfg.precision)
+            return {}
+
         with open_tracker(cfg, info, f"{stage}/{cfg.dataset}", tags) as tracker:
             derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
                        "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
@@ -223,11 +238,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             tracker.log_dict(to_dict(cfg), "config.yaml")
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
-                              evaluate=lambda m: evaluate(m, val_loader, info, cfg.precision))
+                              evaluate=periodic_evaluate)
             history = loop.run()
             final = evaluate(model, val_loader, info, cfg.precision, records=True)
             result = {"top1": final["val_top1"], "top5": final["val_top5"], "val_loss": final["val_loss"],
-                      "best_top1": max([h["val_top1"] for h in history] + [final["val_top1"]])}
+                      "best_top1": max([h["val_top1"] for h in history if "val_top1" in h] + [final["val_top1"]])}
+            if history:  # the last epoch's validation is the final evaluation (not run twice)
+                history[-1].update({k: final[k] for k in ("val_top1", "val_top5", "val_loss") if k in final})
             tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=history[-1]["step"] if history else 0)
             if info.is_main:
                 save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": f"mixmim_{stage}"},
