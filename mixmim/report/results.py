@@ -241,7 +241,7 @@ class Comparison:
     def p_cell(self) -> str:
         if self.p_value is None:
             return f"— ({self.method})"
-        return f"{self.p_value:.3g}" if self.p_value >= 1e-3 else "<0.001"
+        return f"{self.p_value:.3g}"
 
     def diff_cell(self) -> str:
         return "—" if self.diff is None else f"{self.diff:+.1f}"
