@@ -6,6 +6,10 @@ It knows matmuls, convolutions and the fused attention kernels of CUDA; the CPU'
 fused attention kernel and LayerNorm are registered here (LayerNorm at fvcore's
 estimate of 5 operations per element), so the count does not depend on the device.
 Other element-wise work (GELU, softmax, additions) is not counted, as in fvcore.
+
+The counting itself (:func:`count_params`, :func:`count_flops`) needs nothing of the suite;
+:func:`model_info` builds a model of either family through
+:func:`mixmim.models.registry.create_model` and counts it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,6 @@ from math import prod
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-from .models import build_classifier
-from .models.layers import to_2tuple
 
 aten = torch.ops.aten
 
@@ -62,7 +63,7 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3) -> int:
     """Multiply-adds of one forward pass on one image (on the model's device; meta works)."""
-    h, w = to_2tuple(img_size)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -73,18 +74,27 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
 
 
 def model_info(name: str, img_size: int | None = None, num_classes: int = 1000) -> ModelInfo:
-    """Counts for the finetuning form (encoder + 1000-class head), as the paper tabulates.
+    """Counts for the finetuning form (encoder + ``num_classes`` head), as the paper tabulates,
+    of a MixMIM size or a timm model (at ``img_size``, else the model's own resolution: the
+    registered size's, or timm's pretrained config's).
 
     The model is built on the meta device: shapes are all a count needs, so even
     MixMIM-H is counted in well under a second without allocating its weights.
     """
-    from .models.adapters.info import timm_model_info  # timm model names (issue 6)
+    from .models.registry import create_model, model_family
 
-    timm_info = timm_model_info(name, img_size, num_classes)
-    if timm_info is not None:
-        return timm_info
+    family = model_family(name)
     kwargs = {} if img_size is None else {"img_size": img_size}
-    with torch.device("meta"):
-        model = build_classifier(name, num_classes=num_classes, **kwargs)
-    size = model.encoder.img_size[0]
-    return ModelInfo(name, size, count_params(model) / 1e6, count_flops(model, model.encoder.img_size) / 1e9)
+    try:
+        with torch.device("meta"):
+            model = create_model(name, "classifier", num_classes=num_classes, **kwargs)
+        if family == "mixmim":
+            size, in_chans = model.encoder.img_size, 3
+        else:
+            default = model.pretrained_cfg.get("input_size", (3, 224, 224))
+            size, in_chans = img_size or int(default[-1]), int(default[0])
+        flops = count_flops(model, size, in_chans)
+    except (AssertionError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} at {img_size or 'its default size'}: {err}") from err
+    size = size[0] if isinstance(size, tuple) else size
+    return ModelInfo(name, int(size), count_params(model) / 1e6, flops / 1e9)

@@ -103,13 +103,13 @@ class Params:
         """The store this pipeline's runs go to: ``$MIXMIM_TRACKING_URI``, else ``tracking.uri``."""
         return os.environ.get(TRACKING_URI_ENV, "").strip() or self.resolve_uri(self.tracking().uri)
 
-    def dataset_root(self, name: str) -> str:
-        """The absolute root of dataset ``name``; it must exist."""
+    def dataset_root(self, name: str, must_exist: bool = False) -> str:
+        """The absolute root of dataset ``name`` (with ``must_exist``, a missing folder is an error)."""
         root = self.get(f"roots.{name}")
         if not isinstance(root, str) or not root:
             raise ConfigError(f"{self.path}: roots.{name}={root!r}; expected the path of the {name} dataset")
         resolved = self.resolve_path(root)
-        if not Path(resolved).exists():
+        if must_exist and not Path(resolved).exists():
             raise DatasetRootError(f"{self.path}: roots.{name}={root!r}: {resolved} does not exist; expected the "
                                    f"{name} dataset in its official layout (see README, 'Pointing at real data')")
         return resolved

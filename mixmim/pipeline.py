@@ -128,7 +128,7 @@ def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str,
               **tracking_fields(params, stage, variant, dataset, str(model), stage_params, seed)}
     cfg = from_mapping(cls, values, where=where)
     _check_dense(cfg, where)
-    values["data_root"] = params.dataset_root(root or dataset)  # root: a roots key other than the dataset's
+    values["data_root"] = params.dataset_root(root or dataset, must_exist=True)  # root: a roots key other than the dataset's
     parent = _group_run(params, stage, variant, dataset, str(model))
     cfg = from_mapping(cls, {**values, "parent_run_id": parent}, where=where)
     _check_dense(cfg, where)

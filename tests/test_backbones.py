@@ -202,8 +202,9 @@ def test_a_checkpoint_of_another_encoder_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- pipelines
 def stage_sections(dvc_file: Path, stage: str, key: str) -> list[str]:
-    """The --sections of a foreach stage's command for one key."""
-    cmd = yaml.safe_load(dvc_file.read_text())["stages"][stage]["do"]["cmd"].replace("${key}", key)
+    """The --sections of a foreach (``${key}``) or matrix (``${item.<name>}``, seeds aside) stage's command."""
+    spec = yaml.safe_load(dvc_file.read_text())["stages"][stage]
+    cmd = re.sub(r"\$\{(?:key|item\.(?!seed\b)\w+)\}", key, spec["do"]["cmd"] if "do" in spec else spec["cmd"])
     return re.search(r"--sections (.*?) --", cmd)[1].split()
 
 

@@ -15,6 +15,7 @@ from ..checkpoint import (
     unwrap_state_dict,
 )
 from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
+from ..models.registry import default_img_size, model_family
 from ..models.adapters import create_timm_model
 from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
 from .config import ConfigError, FinetuneConfig, to_dict
@@ -24,7 +25,7 @@ from .data import (
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
-from .pretrain import RUN_REF, TIMM_DEFAULT_IMG_SIZE
+from .pretrain import RUN_REF
 from .runner import (
     build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
 )
@@ -72,19 +73,12 @@ def input_size(cfg: FinetuneConfig) -> int:
     """The resolution the run trains at: explicit, else the registered size's (224 for a timm name,
     as in pretraining)."""
     size = cfg.img_size or cfg.model_kwargs.get("img_size")
-    if size is None:
-        size = MODEL_SIZES[cfg.model].img_size if cfg.model in MODEL_SIZES else TIMM_DEFAULT_IMG_SIZE
-    return int(size)
+    return int(size if size is not None else default_img_size(cfg.model))
 
 
 def build_timm_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     """``timm.create_model(cfg.model, num_classes=..., drop_path_rate=..., **model_kwargs)``, with
     ``img_size`` where the family takes it (ViT, Swin); ``init`` loads its encoder weights."""
-    import timm
-
-    if not timm.is_model(cfg.model):
-        raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
-                         "nor a timm model name")
     if cfg.linear_probe:
         raise ValueError(f"linear_probe=true is not supported for the timm encoder {cfg.model}; "
                          "linear probing is implemented for MixMIM sizes only")
@@ -100,12 +94,12 @@ def build_timm_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     """The registered MixMIM size ``cfg.model`` as a classifier, or the plain timm model of that name."""
-    if cfg.model not in MODEL_SIZES:
+    if model_family(cfg.model) == "timm":
         return build_timm_classifier(cfg, num_classes)
     kwargs: dict[str, Any] = {"img_size": input_size(cfg)}
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
-    elif cfg.model in MODEL_SIZES:
+    else:
         kwargs["drop_path_rate"] = MODEL_SIZES[cfg.model].drop_path_rate
     model = build_classifier(cfg.model, num_classes=num_classes, **{**kwargs, **cfg.model_kwargs})
     if cfg.init:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_atomic
-from ..models import MODEL_SIZES, build_pretrainer
+from ..models import build_pretrainer
+from ..models.registry import TIMM_DEFAULT_IMG_SIZE, model_family
 from ..tracking import write_run_ref
 from .config import PretrainConfig, to_dict
 from .data import classification_split, pretrain_transform
@@ -24,12 +25,11 @@ BASELINE_IMAGES = 2048  # training images (a seeded subset when there are more) 
 
 #: ``unmix`` -> the timm adapters' group restriction (issue 6); other values have no adapter form.
 TIMM_UNMIX = {"masked_attention": True, "none": False}
-TIMM_DEFAULT_IMG_SIZE = 224  # timm encoders run at this size unless img_size says otherwise (both engines)
 
 
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
     """The registered MixMIM size ``cfg.model``, or MixMIM on the timm encoder of that name."""
-    if cfg.model not in MODEL_SIZES:
+    if model_family(cfg.model) == "timm":
         return build_timm_adapter(cfg)
     kwargs: dict[str, Any] = dict(
         mask_ratio=cfg.mask_ratio, range_mask_ratio=cfg.range_mask_ratio, mask_type=cfg.mask_type,
@@ -46,13 +46,8 @@ def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
     go to the adapter (decoder_*) and to ``timm.create_model``. The encoder is built without a
     classifier (``num_classes=0``) unless ``model_kwargs`` says otherwise: pretraining never
     uses it, and unused parameters would stall DDP."""
-    import timm
-
     from ..models.adapters import build_adapter
 
-    if not timm.is_model(cfg.model):
-        raise ValueError(f"model={cfg.model!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
-                         "nor a timm model name")
     unmix = cfg.unmix or "masked_attention"
     if unmix not in TIMM_UNMIX:
         raise ValueError(f"unmix={cfg.unmix!r} is not supported for the timm encoder {cfg.model}: its adapter "

@@ -88,3 +88,49 @@ def build_classifier(name: str | None = None, num_classes: int = 1000, **kwargs:
     for key in _PRETRAIN_ONLY + ("norm_pix_loss",):
         resolved.pop(key, None)
     return MixMIMClassifier(num_classes=num_classes, **resolved)
+
+
+# --------------------------------------------------------------------------- one factory
+#: Input size of a timm encoder unless told otherwise (the engines, ``mixmim info``).
+TIMM_DEFAULT_IMG_SIZE = 224
+ROLES = ("classifier", "pretrainer")
+
+
+def model_family(name: str) -> str:
+    """``"mixmim"`` for a registered size, ``"timm"`` for a timm model name: the one place that
+    decides which, so every caller refuses an unknown name with the same message."""
+    if name in MODEL_SIZES:
+        return "mixmim"
+    import timm
+
+    if isinstance(name, str) and timm.is_model(name):
+        return "timm"
+    raise ValueError(f"model={name!r} is neither a MixMIM size ({', '.join(sorted(MODEL_SIZES))}) "
+                     "nor a timm model name")
+
+
+def default_img_size(name: str) -> int:
+    """The resolution a model trains at unless a config says otherwise."""
+    return MODEL_SIZES[name].img_size if model_family(name) == "mixmim" else TIMM_DEFAULT_IMG_SIZE
+
+
+def create_model(name: str, role: str = "classifier", **overrides: Any) -> Any:
+    """A model by name, of either family, in either role.
+
+    * ``"classifier"``: a MixMIM size's :class:`MixMIMClassifier` (``num_classes`` and
+      encoder overrides), or the plain timm model (``timm.create_model`` arguments, with
+      ``img_size`` where the model takes one);
+    * ``"pretrainer"``: a MixMIM size's :class:`MixMIMPretrainer`, or MixMIM on the timm
+      encoder (:func:`mixmim.models.adapters.build_adapter`).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}; expected one of {ROLES}")
+    family = model_family(name)
+    if family == "mixmim":
+        return build_classifier(name, **overrides) if role == "classifier" else build_pretrainer(name, **overrides)
+    from .adapters import build_adapter, create_timm_model
+
+    img_size = overrides.pop("img_size", None)
+    if role == "pretrainer":
+        return build_adapter(name, img_size=img_size or TIMM_DEFAULT_IMG_SIZE, **overrides)
+    return create_timm_model(name, img_size, **overrides)[0]
