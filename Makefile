@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test repro ablations backbones mlflow-ui clean
+.PHONY: setup test repro ablations backbones mlflow-ui mlflow-server dvc clean
 
 setup: $(STAMP)
 
@@ -32,10 +32,23 @@ backbones: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mixmim pipeline --params pipelines/backbones/params.yaml \
 		-- dvc repro pipelines/backbones/dvc.yaml
 
-# The MLflow UI over the default store, on loopback only.
+# The MLflow UI over the project's store, on loopback only; experiments open on their training runs.
 MLFLOW_PORT ?= 5000
+STORE   := sqlite:///$(CURDIR)/mlflow.db
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(PY) -c "from mixmim.tracking import mark_training_experiments as m; m('$(STORE)')"
+	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# A tracking server over the same store, for many concurrent writers (other machines, big queues):
+# start it, then `export MIXMIM_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)` before running stages.
+mlflow-server: setup
+	$(VENV)/bin/mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Any DVC command with the venv's tools on PATH, e.g.
+#   make dvc ARGS="exp run --temp -S finetune.datasets.inat2018.epochs=2"
+#   make dvc ARGS="exp run --queue -S pretrain.epochs=10"   then   make dvc ARGS="queue start -j 2"
+dvc: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
