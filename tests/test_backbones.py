@@ -243,13 +243,15 @@ def test_backbones_pipeline_params_build_every_family():
 def test_paper_backbones_params_build_every_family():
     params = load_params(PAPER / "params.yaml")
     dvc_file = PAPER / "dvc.yaml"
-    expected = {"vit": ("vit_base_patch16_224", 300), "swin": ("swin_base_patch4_window7_224", 600),
-                "resnet": ("resnetv2_50x3_bit", 300)}
+    expected = {"vit": ("vit_base_patch16_224", 300, 100), "swin": ("swin_base_patch4_window7_224", 600, 100),
+                "resnet": ("resnetv2_50x3_bit", 300, 100), "vit-large": ("vit_large_patch16_224", 300, 50),
+                "swin-large": ("swin_large_patch4_window7_224", 600, 50), "pvt-large": ("pvt_v2_b4", 300, 50),
+                "resnet-101x3": ("resnetv2_101x3_bit", 300, 100)}
     assert set(params.section("backbones.families")) == set(expected)
-    for family, (model, epochs) in expected.items():
+    for family, (model, epochs, ft_epochs) in expected.items():
         pre, ft = check_family(params, stage_sections(dvc_file, "backbones_pretrain", family),
                                stage_sections(dvc_file, "backbones_finetune", family))
-        assert (pre.model, pre.epochs, ft.epochs, input_size(ft)) == (model, epochs, 100, 224)
+        assert (pre.model, pre.epochs, ft.epochs, input_size(ft)) == (model, epochs, ft_epochs, 224)
         assert pre.batch_size * pre.accum_iter == ft.batch_size * ft.accum_iter == 128
 
 
