@@ -9,6 +9,8 @@ interval. Conventions, applied the same way in every table:
   ``<m>_ours`` is the suite's value (mean over seeds, or the single run's value) with its
   95% interval in ``<m>_ours_ci_low`` / ``<m>_ours_ci_high`` and the sample behind it in
   ``<m>_n_val`` (validation images) and ``<m>_n_seeds``; a missing value is ``— (reason)``.
+* ``<m>_chance`` is the chance level of that value (most frequent validation class for top-1,
+  majority-class mIoU for ADE20K, 0 for COCO AP).
 * Every comparison a table makes (ablation vs the default variant, pretrained vs scratch,
   backbone vs its scratch) has ``<m>_diff_vs_<ref>``, ``<m>_p_vs_<ref>`` (paired test on the
   shared validation images) and ``<m>_resolved_vs_<ref>`` (yes/no at 5%).
@@ -142,10 +144,11 @@ def ours_cells(ctx: Context, prefix: str, group: list[Result], measure: Measure,
     if est is None:
         reason = why if not group else f"no {measure.key} in {group[0].path.name}"
         return {f"{prefix}_ours": missing(reason), f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
-                f"{prefix}_n_val": "", f"{prefix}_n_seeds": ""}
+                f"{prefix}_n_val": "", f"{prefix}_n_seeds": "", f"{prefix}_chance": ""}
+    chance = chance_level(group, measure)
     return {f"{prefix}_ours": est.cell(), f"{prefix}_ours_ci_low": _fmt(est.low),
             f"{prefix}_ours_ci_high": _fmt(est.high), f"{prefix}_n_val": str(est.n_val or ""),
-            f"{prefix}_n_seeds": str(est.n_seeds)}
+            f"{prefix}_n_seeds": str(est.n_seeds), f"{prefix}_chance": _fmt(chance)}
 
 
 def versus_cells(ctx: Context, prefix: str, ref: str, a: list[Result], b: list[Result],
@@ -158,7 +161,7 @@ def versus_cells(ctx: Context, prefix: str, ref: str, a: list[Result], b: list[R
 
 def blank_cells(prefix: str, text: str, ref: str | None = None) -> dict[str, str]:
     cells = {f"{prefix}_ours": text, f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
-             f"{prefix}_n_val": "", f"{prefix}_n_seeds": ""}
+             f"{prefix}_n_val": "", f"{prefix}_n_seeds": "", f"{prefix}_chance": ""}
     if ref:
         cells.update({f"{prefix}_diff_vs_{ref}": "", f"{prefix}_p_vs_{ref}": "", f"{prefix}_resolved_vs_{ref}": ""})
     return cells
