@@ -129,6 +129,8 @@ def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str,
     cfg = from_mapping(cls, values, where=where)
     _check_dense(cfg, where)
     values["data_root"] = params.dataset_root(root or dataset, must_exist=True)  # root: a roots key other than the dataset's
+    if isinstance(values.get("class_list"), str):  # a class-list file, like a root, is relative to the params file
+        values["class_list"] = params.resolve_path(values["class_list"])
     parent = _group_run(params, stage, variant, dataset, str(model))
     cfg = from_mapping(cls, {**values, "parent_run_id": parent}, where=where)
     _check_dense(cfg, where)

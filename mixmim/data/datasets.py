@@ -312,17 +312,42 @@ def _class_images(class_dir: Path) -> list[Path]:
     return images
 
 
-def scan_imagenet_split(root: Path, split: str) -> tuple[list[Sample], list[str]]:
+def read_class_list(path: str | Path) -> list[str]:
+    """A class-list file: one class folder name (wnid) per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    _require_file(path, "expected a class list: one class folder name (e.g. an ImageNet wnid) per line")
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"class list {path} names no classes")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"class list {path} names {repeated[0]!r} more than once")
+    return names
+
+
+def scan_imagenet_split(root: Path, split: str, class_list: str | Path | None = None) -> tuple[list[Sample], list[str]]:
     """List the samples of one ImageNet split.
 
     Class indices are the sorted train folder names for *both* splits, so a
     model trained on ``train`` is evaluated with the same label mapping on
     ``val`` even if val lacks some classes.  A val class that train does not
     have cannot be labelled, so it is an error.
+
+    With ``class_list`` (a file, see :func:`read_class_list`) only those classes are
+    read, in place (nothing is copied), and indexed 0..K-1 in sorted order: e.g.
+    ImageNet-100 from an ImageNet-1K root. A listed class the train split lacks is an error.
     """
     _check_split(split)
     _require_dir(root, _IMAGENET_LAYOUT)
     classes = _imagenet_classes(root / "train")
+    if class_list is not None:
+        wanted = read_class_list(class_list)
+        missing = sorted(set(wanted) - set(classes))
+        if missing:
+            raise ValueError(f"class list {class_list}: {len(missing)} classes are not folders of {root / 'train'}, "
+                             f"e.g. {missing[0]!r}; expected an ImageNet root holding every listed class")
+        classes = sorted(wanted)
     split_dir = root / split
     _require_dir(split_dir, _IMAGENET_LAYOUT)
     class_dirs = _visible_subdirs(split_dir)
@@ -332,6 +357,8 @@ def scan_imagenet_split(root: Path, split: str) -> tuple[list[Sample], list[str]
             "(the raw ILSVRC2012 val archive must first be sorted into class folders)"
         )
     index_of = {name: i for i, name in enumerate(classes)}
+    if class_list is not None:
+        class_dirs = [d for d in class_dirs if d.name in index_of]
     samples: list[Sample] = []
     for class_dir in class_dirs:
         if class_dir.name not in index_of:
@@ -355,9 +382,10 @@ class ImageNetDataset(ClassificationDataset):
         split: str,
         transform: Transform | None = None,
         skip_bad_images: bool = False,
+        class_list: str | Path | None = None,
     ) -> None:
         root = Path(root)
-        samples, classes = scan_imagenet_split(root, split)
+        samples, classes = scan_imagenet_split(root, split, class_list)
         super().__init__(
             samples,
             len(classes),
@@ -604,6 +632,7 @@ def build_classification_dataset(
     split: str,
     transform: Transform | None = None,
     skip_bad_images: bool = False,
+    class_list: str | Path | None = None,
 ) -> ClassificationDataset:
     """Build one of :data:`DATASET_NAMES` for ``split`` (``train`` or ``val``).
 
@@ -612,8 +641,11 @@ def build_classification_dataset(
     in a config fails with a message listing the valid choices.
     """
     _check_split(split)
+    if class_list is not None and name != "imagenet":
+        raise ValueError(f"class_list={str(class_list)!r} with dataset {name!r}: a class list selects ImageNet "
+                         "classes only; expected dataset 'imagenet' or no class_list")
     if name == "imagenet":
-        return ImageNetDataset(root, split, transform, skip_bad_images)
+        return ImageNetDataset(root, split, transform, skip_bad_images, class_list)
     if name in ("inat2018", "inat2019"):
         return INaturalistDataset(root, split, int(name[-4:]), transform, skip_bad_images)
     if name == "places205":

@@ -69,6 +69,7 @@ class PretrainConfig(RuntimeConfig):
     grad_checkpointing: bool = False
     dataset: str = "imagenet"
     data_root: str = ""
+    class_list: str | None = None  # file of ImageNet class folders to read (e.g. ImageNet-100); default: all
     epochs: int = 600
     warmup_epochs: float = 40
     batch_size: int = 64  # per process
@@ -96,6 +97,7 @@ class FinetuneConfig(RuntimeConfig):
     init: str | None = None  # checkpoint: this suite's pretraining/finetuning, or an original release
     dataset: str = "imagenet"
     data_root: str = ""
+    class_list: str | None = None  # file of ImageNet class folders to read (e.g. ImageNet-100); default: all
     linear_probe: bool = False
     epochs: int = 100
     warmup_epochs: float = 5

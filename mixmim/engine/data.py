@@ -165,7 +165,9 @@ def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, num_wo
     )
 
 
-def classification_split(name: str, root: str, split: str, transform: Any, skip_bad_images: bool) -> Dataset:
+def classification_split(name: str, root: str, split: str, transform: Any, skip_bad_images: bool,
+                         class_list: str | None = None) -> Dataset:
     if not root:
         raise ValueError(f"no data root given for dataset {name!r}; set data_root to the dataset's folder")
-    return build_classification_dataset(name, root, split, transform=transform, skip_bad_images=skip_bad_images)
+    return build_classification_dataset(name, root, split, transform=transform, skip_bad_images=skip_bad_images,
+                                        class_list=class_list)

@@ -168,10 +168,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         img_size = input_size(cfg)
         train_tf = linear_probe_transform(img_size) if probe else finetune_transform(
             img_size, True, cfg.randaug, cfg.reprob, cfg.crop_pct)
-        train_set = classification_split(cfg.dataset, cfg.data_root, "train", train_tf, cfg.skip_bad_images)
+        train_set = classification_split(cfg.dataset, cfg.data_root, "train", train_tf, cfg.skip_bad_images,
+                                         cfg.class_list)
         val_set = classification_split(cfg.dataset, cfg.data_root, "val",
                                        finetune_transform(img_size, False, None, 0.0, cfg.crop_pct),
-                                       cfg.skip_bad_images)
+                                       cfg.skip_bad_images, cfg.class_list)
         num_classes = train_set.num_classes
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg, num_classes)

@@ -119,7 +119,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         seed_everything(per_rank_seed(cfg.seed, info))
         img_size = (getattr(model, "img_size", None) or model.encoder.img_size)[0]  # a timm adapter's, or MixMIM's
         dataset = classification_split(cfg.dataset, cfg.data_root, "train",
-                                       pretrain_transform(img_size, cfg.crop_scale), cfg.skip_bad_images)
+                                       pretrain_transform(img_size, cfg.crop_scale), cfg.skip_bad_images,
+                                       cfg.class_list)
         data = train_data(dataset, cfg, cfg.batch_size, info)
         effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
         lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, effective_batch)
