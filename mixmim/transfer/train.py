@@ -556,7 +556,8 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
                        "train_images": len(train_set), "val_images": len(val_set)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
-            log_complexity(tracker, dense_complexity(cfg, train_set.num_classes))
+            complexity = dense_complexity(cfg, train_set.num_classes)
+            log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
                               tracker, evaluate_record)
             history = loop.run()
@@ -572,7 +573,8 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
                              "num_classes": train_set.num_classes}, out / DETECTOR_WEIGHTS)
                 write_run_ref(out / RUN_REF, tracker)
             return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS),
-                    "records": per_image, "n_val": len(per_image["box"]) if per_image else None}
+                    "records": per_image, "n_val": len(per_image["box"]) if per_image else None,
+                    "model_params_m": complexity.params_m, "model_gflops": complexity.gflops}
     finally:
         cleanup(info)
 
@@ -622,7 +624,8 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
             tracker.log_params(run_params(cfg, derived))
             tracker.log_dict(to_dict(cfg), "config.yaml")
-            log_complexity(tracker, dense_complexity(cfg, num_classes))
+            complexity = dense_complexity(cfg, num_classes)
+            log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
                               tracker, evaluate)
             history = loop.run()
@@ -648,6 +651,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                 write_run_ref(out / RUN_REF, tracker)
             return {"history": history, **final, "per_class_iou": scores["IoU"], "majority_class": baseline["class"],
                     "run_id": tracker.run_id, "weights": str(out / SEGMENTOR_WEIGHTS), "n_val": scores["num_images"],
+                    "model_params_m": complexity.params_m, "model_gflops": complexity.gflops,
                     "records": {"intersection": scores["intersection"], "union": scores["union"],
                                 "classes": list(class_names)}}
     finally:
