@@ -13,12 +13,14 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .layers import (
+    AttentionPlan,
     MixMIMBlock,
     PatchEmbed,
     PatchMerging,
     Size2,
-    group_attention_bias,
+    attention_plan,
     init_transformer_weights,
+    reorder_tokens,
     sincos_pos_embed_2d,
     to_2tuple,
     xavier_init_conv_as_linear,
@@ -188,16 +190,22 @@ class MixMIMEncoder(nn.Module):
             if mix_embeds is not None and m is not None:
                 e = mix_embeds[i].to(x.dtype)
                 x = x + e[0] + m.reshape(1, -1, 1).to(x.dtype) * (e[1] - e[0])
-            biases: dict[Size2, Tensor | None] = {}  # group bias, built once per stage and window
+            # Tokens stay in attention order (windows, or groups for a whole-map window)
+            # from block to block and return to row-major order at the end of the stage.
+            restrict = restrict_attention and m is not None
+            plans: dict[Size2, AttentionPlan] = {}  # one per window size, built once per stage
+            order = None
             for blk in stage.blocks:
-                if blk.window not in biases:
-                    restrict = restrict_attention and m is not None
-                    biases[blk.window] = group_attention_bias(m, stage.grid, blk.window, x.dtype) if restrict else None
-                bias = biases[blk.window]
+                if blk.window not in plans:
+                    plans[blk.window] = attention_plan(stage.grid, blk.window, m if restrict else None, x.dtype)
+                plan = plans[blk.window]
+                x = reorder_tokens(x, order, plan.order)
+                order = plan.order
                 if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(blk, x, plan, use_reentrant=False)
                 else:
-                    x = blk(x, bias)
+                    x = blk(x, plan)
+            x = reorder_tokens(x, order, None)
             outs.append(x)
         return outs
 

@@ -1,17 +1,32 @@
 """Small building blocks of the MixMIM encoder: patch embedding, patch merging,
 fixed position embeddings, windowing helpers and the window-attention block.
 
-Attention goes through ``F.scaled_dot_product_attention`` with one additive bias
-per block that already holds the relative position bias and, during pretraining,
-the group restriction (a token may attend only to tokens of its own group).
+Speed notes (the numerics are those of the plain formulation):
+
+- Linear layers run their three products (forward, input and weight gradients) through
+  oneDNN on the CPU in fp32, which is faster than the default BLAS on this suite's
+  machines; anywhere else (CUDA, autocast, other dtypes, FLOP counting, compilation)
+  they are ``F.linear``.
+- The encoder hands every block its tokens already in attention order (see
+  :class:`AttentionPlan`), so blocks never partition or reverse windows.
+- Group-restricted attention over a whole-map window is computed per group: the
+  tokens are sorted by group once per stage and each group attends only to itself,
+  which skips the masked half of the scores instead of computing and masking it.
+  Smaller windows use one additive bias (relative position + group, -inf across
+  groups) per block.
+- Training on the CPU writes the attention out (scores, in-place bias, softmax);
+  elsewhere it goes through ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 Size2 = tuple[int, int]
 
@@ -22,6 +37,105 @@ def to_2tuple(value: int | Size2 | list[int]) -> Size2:
         return (value, value)
     h, w = value
     return (int(h), int(w))
+
+
+# --------------------------------------------------------------------------- #
+# Linear layers through oneDNN on the CPU
+# --------------------------------------------------------------------------- #
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _onednn_mm(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ w.T + bias`` for 2-D ``a`` and ``w`` (either may be a transposed view) by oneDNN."""
+    return _ONEDNN_LINEAR(a, w, bias, "none", [], "")
+
+
+# Below this many multiply-adds per product the default BLAS call is cheaper (oneDNN's
+# per-call overhead dominates); above it oneDNN was 1.15-1.4x faster on the development
+# machine (benchmarks/README.md).
+ONEDNN_MIN_MACS = 2**25
+
+
+def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`fast_linear` takes the oneDNN route for these operands.
+
+    Only for large enough fp32 products on the CPU outside autocast, compilation and
+    dispatch modes (so that FLOP counters, meta tensors and torch.compile see an ordinary
+    ``F.linear``).
+    """
+    return (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and weight.device.type == "cpu"
+        and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.ndim >= 2
+        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` whose forward and both gradient products are oneDNN matmuls."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        out = _onednn_mm(x2, weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _onednn_mm(g2, weight.t().contiguous()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = _onednn_mm(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_linear_applies`."""
+    if not onednn_linear_applies(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`fast_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_linear(x, self.weight, self.bias)
+
+
+def use_fast_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` inside ``module`` a :class:`Linear` (in place)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
+
+
+class Mlp(nn.Module):
+    """fc1, exact GELU, fc2 (the parameter names of timm's ``Mlp``)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 # --------------------------------------------------------------------------- #
@@ -80,7 +194,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.proj = nn.Linear(4 * dim, out_dim, bias=False)
+        self.proj = Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: Tensor, grid: Size2) -> Tensor:
         b, _, c = x.shape
@@ -154,8 +268,98 @@ def group_attention_bias(groups: Tensor, grid: Size2, window: Size2, dtype: torc
 
 
 # --------------------------------------------------------------------------- #
-# Window attention block
+# Attention plans and the window-attention block
 # --------------------------------------------------------------------------- #
+@dataclass
+class AttentionPlan:
+    """How the blocks of one stage (with one window size) see their tokens.
+
+    ``order`` lists row-major token positions in the order the blocks receive them
+    (None: row-major). With ``segments`` (group-restricted attention over a window that
+    covers the whole map) the tokens are sorted by group and each ``(start, end)``
+    range attends only to itself; ``segment_index`` holds each range's flattened
+    relative-position indices. Otherwise the tokens are grouped by window
+    (``num_windows`` consecutive runs of ``window`` area) and ``group_bias``
+    (nW, 1, N, N), when given, is added to the scores: 0 within a group, -inf across.
+    """
+
+    window: Size2
+    num_windows: int
+    order: Tensor | None = None
+    group_bias: Tensor | None = None
+    segments: list[tuple[int, int]] | None = None
+    segment_index: list[Tensor] | None = None
+
+    @property
+    def inverse(self) -> Tensor | None:
+        if self.order is None:
+            return None
+        inv = torch.empty_like(self.order)
+        inv[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        return inv
+
+
+def attention_plan(grid: Size2, window: Size2, groups: Tensor | None = None,
+                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
+    """The plan for blocks with ``window`` on a ``grid`` map; ``groups`` (1, H*W) restricts
+    attention to tokens of the same group (the mixing mask at this resolution)."""
+    h, w = grid
+    nw = (h // window[0]) * (w // window[1])
+    device = groups.device if groups is not None else None
+    if groups is not None and nw == 1:
+        g = groups.reshape(-1)
+        order = torch.argsort(g, stable=True)
+        sizes = [int((g == value).sum()) for value in torch.unique(g, sorted=True).tolist()]
+        rel = relative_position_index(window).to(device)[order][:, order]
+        segments, index, start = [], [], 0
+        for size in sizes:
+            segments.append((start, start + size))
+            index.append(rel[start:start + size, start:start + size].reshape(-1))
+            start += size
+        return AttentionPlan(window, 1, order, segments=segments, segment_index=index)
+    order = None
+    if nw > 1:
+        order = window_partition(torch.arange(h * w, device=device).view(1, -1, 1), grid, window).reshape(-1)
+    bias = group_attention_bias(groups, grid, window, dtype) if groups is not None else None
+    return AttentionPlan(window, nw, order, group_bias=bias)
+
+
+class _ReorderTokens(torch.autograd.Function):
+    """``x[:, index]`` for a permutation ``index``; the gradient is gathered back by ``inverse``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def reorder_tokens(x: Tensor, current: Tensor | None, target: Tensor | None) -> Tensor:
+    """(B, L, C) tokens held in order ``current`` rearranged into order ``target``
+    (orders list row-major positions; None is row-major)."""
+    if current is None and target is None:
+        return x
+    if current is not None and target is not None and torch.equal(current, target):
+        return x
+    n = x.shape[1]
+    ar = torch.arange(n, device=x.device)
+    pos = ar if current is None else torch.empty_like(current).scatter_(0, current, ar)  # position of each token
+    index = pos if target is None else pos[target]
+    inverse = torch.empty_like(index).scatter_(0, index, ar)
+    return _ReorderTokens.apply(x, index, inverse)
+
+
+def _explicit_attention_applies(x: Tensor, weight: Tensor) -> bool:
+    """Training on the CPU: write the attention out. The fused CPU kernel cannot give the
+    gradient of an additive bias, and PyTorch's fallback for that case costs more."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling())
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative position bias."""
 
@@ -169,33 +373,63 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.rel_pos_table = nn.Parameter(torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads))
         self.register_buffer("rel_pos_index", relative_position_index(window), persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         nn.init.trunc_normal_(self.rel_pos_table, std=0.02)
+
+    def gather_bias(self, index: Tensor) -> Tensor:
+        """(heads, n, n) relative position bias for the flattened (n*n,) table indices."""
+        n = int(round(index.numel() ** 0.5))
+        table = self.rel_pos_table.t()  # (heads, T): one gather along T gives the (heads, n*n) layout
+        return table.gather(1, index.view(1, -1).expand(self.num_heads, -1)).view(self.num_heads, n, n)
 
     def relative_bias(self) -> Tensor:
         """(heads, N, N) relative position bias of this block."""
-        n = self.window[0] * self.window[1]
-        bias = self.rel_pos_table[self.rel_pos_index.reshape(-1)].view(n, n, self.num_heads)
-        return bias.permute(2, 0, 1)
+        return self.gather_bias(self.rel_pos_index.reshape(-1))
 
-    def forward(self, x: Tensor, group_bias: Tensor | None = None) -> Tensor:
-        """x: (B, nW, N, C) windows; group_bias: (nW, 1, N, N) or None."""
-        b, nw, n, c = x.shape
+    def _attend(self, qkv: Tensor, bias: Tensor, nw: int) -> Tensor:
+        """qkv: (B, nW*n, 3C) of consecutive windows; bias broadcasts to (nW, heads, n, n)."""
+        b, length, c3 = qkv.shape
         h = self.num_heads
-        qkv = self.qkv(x).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)
-        # Windows and heads share one axis so that a single (1, nW*h, N, N) bias
-        # broadcasts over the batch in the 4-D layout the fused kernels expect.
-        q, k, v = (t.reshape(b, nw * h, n, c // h) for t in qkv.unbind(0))
-        bias = self.relative_bias().to(q.dtype).unsqueeze(0)
-        if group_bias is not None:
-            bias = bias + group_bias.to(q.dtype)
-        bias = bias.expand(nw, h, n, n).reshape(1, nw * h, n, n)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )
-        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
+        c = c3 // 3
+        n = length // nw
+        t = qkv.view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, n, d)
+        drop = self.attn_drop if self.training else 0.0
+        q, k, v = t.unbind(0)  # one gradient buffer for the three (unbind, not indexing)
+        if _explicit_attention_applies(qkv, self.rel_pos_table):
+            scores = (q * (c // h) ** -0.5) @ k.transpose(-2, -1)  # (B, nW, h, n, n)
+            scores += bias.to(scores.dtype)
+            attn = scores.softmax(dim=-1)
+            if drop > 0:
+                attn = F.dropout(attn, drop)
+            out = attn @ v  # (B, nW, h, n, d)
+        else:
+            # Windows and heads share one axis so that a single (1, nW*h, n, n) bias
+            # broadcasts over the batch in the 4-D layout the fused kernels expect.
+            q, k, v = (x.reshape(b, nw * h, n, c // h) for x in (q, k, v))
+            mask = bias.to(q.dtype).expand(nw, h, n, n).reshape(1, nw * h, n, n)
+            if mask.is_cuda and n % 8:  # the memory-efficient kernel wants 8-aligned rows
+                padded = mask.new_zeros(1, nw * h, n, -(-n // 8) * 8)
+                padded[..., :n] = mask
+                mask = padded[..., :n]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            out = out.view(b, nw, h, n, c // h)
+        return out.transpose(2, 3).reshape(b, length, c)
+
+    def forward(self, x: Tensor, plan: AttentionPlan) -> Tensor:
+        """x: (B, L, C) tokens in the plan's order."""
+        qkv = self.qkv(x)
+        if plan.segments is not None:
+            pieces = qkv.split([e - s for s, e in plan.segments], dim=1)  # split, not slicing: one gradient buffer
+            parts = [self._attend(piece, self.gather_bias(index), 1)
+                     for piece, index in zip(pieces, plan.segment_index, strict=True)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        else:
+            bias = self.relative_bias()
+            if plan.group_bias is not None:
+                bias = bias + plan.group_bias.to(bias.dtype)  # (nW, h, N, N), built once per block
+            out = self._attend(qkv, bias, plan.num_windows)
         return self.proj_drop(self.proj(out))
 
 
@@ -212,12 +446,14 @@ class MixMIMBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: Tensor, group_bias: Tensor | None = None) -> Tensor:
-        windows = window_partition(self.norm1(x), self.grid, self.window)
-        attn = window_reverse(self.attn(windows, group_bias), self.grid, self.window)
-        x = x + self.drop_path(attn)
+    def forward(self, x: Tensor, plan: AttentionPlan | None = None) -> Tensor:
+        """x: (B, L, C) in ``plan.order``; without a plan, row-major tokens and plain windows."""
+        if plan is None:
+            plan = attention_plan(self.grid, self.window)
+            return reorder_tokens(self(reorder_tokens(x, None, plan.order), plan), plan.order, None)
+        x = x + self.drop_path(self.attn(self.norm1(x), plan))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -241,8 +477,8 @@ def xavier_init_conv_as_linear(conv: nn.Conv2d) -> None:
 
 
 __all__ = [
-    "MixMIMBlock", "PatchEmbed", "PatchMerging", "WindowAttention", "effective_window",
-    "group_attention_bias", "init_transformer_weights", "relative_position_index",
-    "sincos_pos_embed_2d", "to_2tuple", "window_partition", "window_reverse",
-    "xavier_init_conv_as_linear",
+    "AttentionPlan", "Linear", "MixMIMBlock", "Mlp", "PatchEmbed", "PatchMerging", "WindowAttention",
+    "attention_plan", "effective_window", "fast_linear", "group_attention_bias", "init_transformer_weights",
+    "onednn_linear_applies", "relative_position_index", "reorder_tokens", "sincos_pos_embed_2d", "to_2tuple",
+    "use_fast_linears", "window_partition", "window_reverse", "xavier_init_conv_as_linear",
 ]

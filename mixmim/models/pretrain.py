@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .encoder import MixMIMEncoder, upsample_mask
-from .layers import Size2, init_transformer_weights, sincos_pos_embed_2d
+from .layers import Size2, init_transformer_weights, sincos_pos_embed_2d, use_fast_linears
 from .masking import check_mask, check_mask_settings, sample_mask
 
 FILLS = ("mix", "zero", "learnable", "shuffle", "zoomin")
@@ -170,6 +170,7 @@ class MixMIMDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
         self.apply(init_transformer_weights)
+        use_fast_linears(self)  # same parameters; oneDNN matmuls on the CPU (layers.fast_linear)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
