@@ -89,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A user's mistake (unknown config key, missing dataset, unusable tracking store) ends the
+    command with one line and exit status 2, as in the pipeline stages; bugs keep their traceback."""
+    from .params import stage_main
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    status = [0]
+
+    def run() -> None:
+        status[0] = args.func(args)
+
+    return stage_main(f"mixmim {args.command}", run) or status[0]
 
 
 if __name__ == "__main__":

@@ -206,3 +206,10 @@ def test_dense_sections_of_the_shipped_pipelines_parse():
         params = load_params(REPO / path)
         for key in keys:
             check_config(from_mapping(classes[key], params.section(key), where=f"{path}: {key}"))
+
+
+def test_the_command_line_reports_a_config_mistake_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mixmim", "pretrain", "epochss=3"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "unknown key 'epochss'" in run.stderr
