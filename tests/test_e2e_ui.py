@@ -2,7 +2,7 @@
 
 A temporary copy of the pipeline (dvc.yaml, params.yaml with tiny budgets, stages/, the
 mixmim/ package that dvc.yaml lists as deps) is reproduced with ``dvc repro
-finetune@imagenet``; a second ``dvc repro`` must find nothing to do. Then ``mlflow ui``
+finetune@imagenet-0`` (seed 0); a second ``dvc repro`` must find nothing to do. Then ``mlflow ui``
 serves the copy's store on 127.0.0.1 and headless Chromium must show the runs
 ``pretrain/default`` and ``finetune/imagenet`` in the experiment's runs table.
 
@@ -28,7 +28,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # .venv/bin, unresolved, so `python` there is the venv's
-RUN_NAMES = ("pretrain/default", "finetune/imagenet")
+RUN_NAMES = ("pretrain/default", "finetune/imagenet")  # the per-variant group runs: the UI's top level
+SEED_RUN_NAMES = ("pretrain/default/s0", "finetune/imagenet/s0")  # their children, one per stage run
 REPRO_TIMEOUT_S = 900
 SERVER_START_TIMEOUT_S = 60
 UI_RENDER_TIMEOUT_S = 60
@@ -150,7 +151,7 @@ def browser_parts() -> tuple[str, str] | str:
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory) -> dict:
-    """The copy after ``dvc repro finetune@imagenet``, with the outputs of both repro calls."""
+    """The copy after ``dvc repro finetune@imagenet-0``, with the outputs of both repro calls."""
     for tool in ("dvc", "mlflow", "python"):
         assert (VENV_BIN / tool).exists(), f"{VENV_BIN / tool} missing; run the tests with the venv's python"
     copy = make_copy(tmp_path_factory.mktemp("e2e"))
@@ -160,10 +161,10 @@ def reproduced(tmp_path_factory) -> dict:
     shutil.copy2(REPO / ".dvcignore", copy / ".dvcignore")  # init writes its own; keep the repository's
 
     start = time.monotonic()
-    first = run([str(VENV_BIN / "dvc"), "repro", "finetune@imagenet"], copy, env, REPRO_TIMEOUT_S)
+    first = run([str(VENV_BIN / "dvc"), "repro", "finetune@imagenet-0"], copy, env, REPRO_TIMEOUT_S)
     first_s = time.monotonic() - start
-    second = run([str(VENV_BIN / "dvc"), "repro", "finetune@imagenet"], copy, env, 300)
-    status = run([str(VENV_BIN / "dvc"), "status", "--with-deps", "finetune@imagenet"], copy, env, 300)
+    second = run([str(VENV_BIN / "dvc"), "repro", "finetune@imagenet-0"], copy, env, 300)
+    status = run([str(VENV_BIN / "dvc"), "status", "--with-deps", "finetune@imagenet-0"], copy, env, 300)
     return {"copy": copy, "env": env, "first": first, "first_s": first_s, "second": second, "status": status}
 
 
@@ -171,12 +172,12 @@ def reproduced(tmp_path_factory) -> dict:
 def test_dvc_repro_smallest_path_then_nothing_to_do(reproduced):
     copy, first, second, status = (reproduced[k] for k in ("copy", "first", "second", "status"))
     assert first.returncode == 0, shown(first)
-    for stage in ("prepare_data", "pretrain", "finetune@imagenet"):
+    for stage in ("prepare_data", "pretrain@0", "finetune@imagenet-0"):
         assert f"Running stage '{stage}'" in first.stdout, shown(first)
-    assert (copy / "metrics" / "finetune_imagenet.json").is_file(), shown(first)
-    assert (copy / "metrics" / "pretrain.json").is_file() and (copy / "dvc.lock").is_file()
+    assert (copy / "metrics" / "finetune_imagenet_s0.json").is_file(), shown(first)
+    assert (copy / "metrics" / "pretrain_s0.json").is_file() and (copy / "dvc.lock").is_file()
     # Only the asked-for path ran: the other finetuning datasets were dropped, scratch not run.
-    assert not (copy / "metrics" / "scratch_imagenet.json").exists()
+    assert not (copy / "metrics" / "scratch_imagenet_s0.json").exists()
 
     assert second.returncode == 0, shown(second)
     assert "Running stage" not in second.stdout, (
@@ -191,7 +192,8 @@ def test_dvc_repro_smallest_path_then_nothing_to_do(reproduced):
     experiment = client.get_experiment_by_name("default")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(RUN_NAMES), "one run per stage, none from the 2nd repro"
+    assert sorted(r.info.run_name for r in runs) == sorted(RUN_NAMES + SEED_RUN_NAMES), \
+        "one run per stage (and its group), none from the 2nd repro"
     assert all(r.info.status == "FINISHED" for r in runs)
     print(f"\nfirst dvc repro: {reproduced['first_s']:.1f}s")
 
@@ -215,7 +217,8 @@ def test_mlflow_ui_shows_the_pipeline_runs(reproduced, tmp_path):
     store = f"sqlite:///{copy / 'mlflow.db'}"
     client = MlflowClient(store)
     experiment_id = client.get_experiment_by_name("default").experiment_id
-    run_ids = {r.info.run_id: r.info.run_name for r in client.search_runs([experiment_id])}
+    run_ids = {r.info.run_id: r.info.run_name for r in client.search_runs([experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags}  # children are folded under their group run
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "mlflow-ui.log"
