@@ -171,13 +171,24 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
     # `roots.pretrain`, when present, holds the (unlabeled) pretraining images in `dataset`'s layout:
     # the built-in pipeline pretrains on a set larger than its labeled stand-ins, as the paper does on ImageNet
     root = "pretrain" if "pretrain" in (params.data.get("roots") or {}) else None
-    cfg = stage_config(PretrainConfig, params, sections, "pretrain", variant, str(dataset), run_dir, seed, root=root)
+    # the online k-NN reads a labelled dataset: `knn_dataset` (its root from `roots`), never unlabeled images
+    section = merged(params, sections)
+    knn_dataset = section.get("knn_dataset") if section.get("knn_every") else None
+    if section.get("knn_every") and root and not knn_dataset:
+        raise ConfigError(f"{params.path}: knn_every={section['knn_every']} with pretraining images from "
+                          "roots.pretrain (unlabeled); set knn_dataset to a labelled dataset named in roots")
+    owned = {"knn_data_root": params.dataset_root(str(knn_dataset))} if knn_dataset else None
+    cfg = stage_config(PretrainConfig, params, sections, "pretrain", variant, str(dataset), run_dir, seed, owned,
+                       root=root)
     result = pretrain(cfg)
     if not is_main_process():
         return result
     history = result["history"]
     write_plot_csv(plots_path, [{k: h[k] for k in ("epoch", "train_loss", "knn_top1") if k in h} for h in history])
     extra = {k: result[k] for k in ("mask_cells", "mean_loss_baseline") if k in result}
+    knn = [h["knn_top1"] for h in history if "knn_top1" in h]
+    if knn:
+        extra["knn_top1"] = knn[-1]  # the online k-NN of the last epoch
     write_metrics(metrics_path, {"train_loss": history[-1]["train_loss"], "epochs": len(history),
                                  "steps": history[-1]["step"], "run_id": result["run_id"], "seed": cfg.seed, **extra})
     return result
@@ -202,7 +213,8 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
     write_metrics(metrics_path, {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"],
                                  "init": "pretrained" if init else "scratch", "run_id": result["run_id"],
                                  "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
-                                 "img_size": input_size(cfg), "seed": cfg.seed})
+                                 "img_size": input_size(cfg), "seed": cfg.seed,
+                                 "model_kwargs": dict(cfg.model_kwargs)})
     return result
 
 
@@ -248,7 +260,8 @@ def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str 
     write_metrics(metrics_path, {**{k: _number(result[k]) for k in COCO_METRICS},
                                  "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
                                  "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
-                                 "img_size": cfg.img_size, "seed": cfg.seed})
+                                 "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
+                                 "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
     return result
 
 
@@ -271,7 +284,8 @@ def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: st
                                  "per_class_iou": {k: _number(v) for k, v in result["per_class_iou"].items()},
                                  "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
                                  "n_val": result["n_val"], "model": cfg.model, "max_iters": cfg.max_iters,
-                                 "img_size": cfg.img_size, "seed": cfg.seed})
+                                 "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
+                                 "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
     return result
 
 

@@ -104,7 +104,8 @@ def _populate(root: Path) -> None:
     _classification(a, "finetune_mask-range-40-20_s0", 0.7, 42, seed=0, **common)
     # backbones
     _metrics(b, "pretrain_vit_s0", epochs=4, seed=0)
-    _classification(b, "finetune_vit_s0", 0.5, 50, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3)
+    _classification(b, "finetune_vit_s0", 0.5, 50, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3,
+                    model_kwargs={"embed_dim": 48, "decoder_dim": 32})
     _classification(b, "scratch_vit_s0", 0.45, 51, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3)
 
 
@@ -196,6 +197,7 @@ def test_seeds_give_a_t_interval_and_paired_tests_resolve(built: Mapping[str, An
     default, zero = _row(t6, fill="mix"), _row(t6, fill="zero")
     ci = stats.t_interval([70.0, 75.0, 80.0])
     assert default["top1_ours"] == "75.0" and default["top1_n_seeds"] == "3" and default["top1_n_val"] == str(N_VAL)
+    assert default["top1_chance"] == "10.0" and default["miou_chance"] == "5.0"
     assert (float(default["top1_ours_ci_low"]), float(default["top1_ours_ci_high"])) == pytest.approx(
         (ci.low, ci.high), abs=0.06)
     assert zero["top1_diff_vs_default"] == "-50.0" and zero["top1_resolved_vs_default"] == "yes"
@@ -257,6 +259,7 @@ def test_one_mapping_from_runs_to_paper_rows(built: Mapping[str, Any]) -> None:
     t3 = _table(built, "table3_same_encoder")
     vit = _row(t3, method="MixMIM", backbone="ViT-B")
     assert vit["top1_ours"] == "50.0" and vit["top1_resolved_vs_scratch"] in ("yes", "no")
+    assert vit["scale_ours"] == "vit_tiny_patch16_224 (embed_dim=48), 64 px, 4 pretrain + 3 finetune epochs"
 
 
 def test_table4_sizes_say_whose_count(built: Mapping[str, Any]) -> None:
@@ -405,3 +408,22 @@ def test_stage_writes_the_report(built: Mapping[str, Any], tmp_path: Path, capsy
     assert "skipped mixing_reconstruction.png" in capsys.readouterr().out
     assert (tmp_path / "reports" / "tables" / "table6_filling.csv").read_bytes() == (
         built["out"] / "tables" / "table6_filling.csv").read_bytes()
+
+
+def test_report_stage_declares_every_pipelines_results_and_stays_out_of_the_root_pipeline() -> None:
+    """The report's DVC deps cover each metrics folder it reads, and no stage of the root dvc.yaml depends on
+    another pipeline's results (that would make `dvc repro` of the default pipeline rerun them upstream)."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = repo / "pipelines" / "report"
+    stage = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]["report"]
+    deps = {(folder / d).resolve() for d in stage["deps"]}
+    params = yaml.safe_load((folder / "params.yaml").read_text())["report"]
+    for role, metrics in params["pipelines"].items():
+        assert (folder / metrics).resolve() in deps, f"report stage does not declare {role}'s {metrics}"
+    assert {"report", "tracking.uri"} <= set(stage["params"])
+    root_stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name, spec in root_stages.items():
+        for dep in spec.get("deps", []):
+            assert not str(dep).startswith("pipelines/"), f"root stage {name} depends on {dep}"

@@ -169,6 +169,7 @@ def test_stages_write_metrics_and_plots(roots, store, tmp_path):
     records = read_records(tmp_path / "m" / "coco_preds.json")  # per-image records reproduce the AP
     assert records["n_val"] == metrics["n_val"] == len(records["box"]) == len(records["mask"])
     assert coco_ap_from_records(records["box"]) == pytest.approx(metrics["ap_box"] or 0.0, abs=1e-9)
+    assert metrics["model_gflops"] > 0 and metrics["model_params_m"] > 0  # the size the report's Table 4 shows
 
     init = tmp_path / "pre" / "pretrain.pt"  # a pretraining checkpoint of this suite, with its run reference
     init.parent.mkdir()
