@@ -27,8 +27,8 @@ from mixmim.engine.pretrain import build_model as build_pretrain_model
 from mixmim.engine.pretrain import pretrain
 from mixmim.models.adapters import ADAPTER_OPTIONS, TimmMixMIMAdapter
 from mixmim.pipeline import load_params, merged, tracking_fields
-from mixmim.report.runs import Run, RunIndex
-from mixmim.report.tables import table3, table13
+from mixmim.report.results import Result, Results
+from mixmim.report.tables import Context, table3, table13
 from mixmim.tracking import PRETRAIN_RUN_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,21 +255,20 @@ def test_paper_backbones_params_build_every_family():
         assert pre.batch_size * pre.accum_iter == ft.batch_size * ft.accum_iter == 128
 
 
-def test_report_places_every_family_of_the_pipeline():
-    """Runs tagged as the backbones pipeline tags them fill Tables 3 and 13."""
+def test_report_places_every_family_of_the_pipeline(tmp_path):
+    """Results named as the backbones pipeline names them (<stage>_<family>_s<seed>.json) fill Tables 3 and 13."""
     params = load_params(BACKBONES / "params.yaml")
     runs = []
     for i, family in enumerate(params.section("families")):
         model = params.get(f"families.{family}.finetune.model")
         for stage, top1 in (("finetune", 60.0 + i), ("scratch", 40.0 + i)):
-            runs.append(Run(run_id=f"{stage}-{family}", role="backbones", experiment="backbones", stage=stage,
-                            variant=family, dataset="imagenet", model=model, scale="builtin",
-                            metrics={"final/top1": top1}))
-    index = RunIndex(runs, {"backbones": "backbones"})
-    t3 = table3(index)
-    ours = dict(zip(zip(t3["method"], t3["backbone"]), t3["top1 (ours)"]))
+            runs.append(Result("backbones", stage, family, 0, tmp_path / f"{stage}_{family}_s0.json",
+                               {"top1": top1, "model": model}))
+    ctx = Context(Results(runs, {"backbones": str(tmp_path)}), resamples=1000)
+    t3 = table3(ctx).frame
+    ours = dict(zip(zip(t3["method"], t3["backbone"]), t3["top1_ours"]))
     assert (ours[("MixMIM", "ViT-B")], ours[("Supervised", "ViT-B")]) == ("60.0", "40.0")
     assert (ours[("MixMIM", "Swin-B")], ours[("MixMIM", "PVT-L")]) == ("61.0", "62.0")
-    t13 = table13(index)
-    ours = dict(zip(zip(t13["method"], t13["backbone"]), t13["top1 (ours)"]))
+    t13 = table13(ctx).frame
+    ours = dict(zip(zip(t13["method"], t13["backbone"]), t13["top1_ours"]))
     assert (ours[("MixMIM", "Res50x3")], ours[("BiT-S", "Res50x3")]) == ("63.0", "43.0")
