@@ -254,3 +254,24 @@ def test_online_knn_on_another_dataset_needs_its_root(data_root):
     hook = online_knn(from_mapping(PretrainConfig, {**base, "knn_dataset": "imagenet", "knn_data_root": str(data_root)}),
                       64, torch.device("cpu"))
     assert len(hook.train_set) == 18 and len(hook.val_set) == 9
+
+
+def test_pretrain_stage_runs_the_online_knn_on_a_labelled_dataset(data_root, tmp_path, monkeypatch):
+    import yaml
+
+    from mixmim.engine.config import ConfigError
+    from mixmim.pipeline import PARENT_RUN_ENV, load_params, pretrain_stage
+
+    monkeypatch.setenv(PARENT_RUN_ENV, "")
+    data = {"roots": {"pretrain": str(data_root), "imagenet": str(data_root)},
+            "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "probe-tests", "pipeline": "tests"},
+            "pretrain": {"model": "mixmim_nano", "dataset": "imagenet", "epochs": 1, "warmup_epochs": 0,
+                         "batch_size": 6, "num_workers": 0, "progress": False, "knn_every": 1}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="set knn_dataset to a labelled dataset"):
+        pretrain_stage(load_params(params), ["pretrain"], "x", "runs/x", str(tmp_path / "x.json"), str(tmp_path / "x.csv"))
+    data["pretrain"]["knn_dataset"] = "imagenet"
+    params.write_text(yaml.safe_dump(data))
+    pretrain_stage(load_params(params), ["pretrain"], "k", "runs/k", str(tmp_path / "k.json"), str(tmp_path / "k.csv"))
+    assert 0.0 <= json.loads((tmp_path / "k.json").read_text())["knn_top1"] <= 100.0
