@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ from .params import (
 )
 
 __all__ = [
-    "ADE20K_METRICS", "COCO_METRICS", "GROUP_STAGE", "PARENT_RUN_ENV", "STAGE_KEYS", "TRACKING_URI_ENV",
-    "DatasetRootError", "Params", "TrackingParams", "ade20k_stage", "coco_stage", "finetune_stage", "is_user_error",
+    "GROUP_STAGE", "PARENT_RUN_ENV", "STAGE_KEYS", "TRACKING_URI_ENV",
+    "DatasetRootError", "Params", "TrackingParams", "finetune_stage", "is_user_error",
     "load_params", "merged", "pretrain_stage", "run_under_parent", "stage_config", "stage_main", "stage_parser",
     "tracking_fields", "write_metrics", "write_plot_csv",
 ]
@@ -106,7 +105,8 @@ def _stage_seed(stage_params: Mapping[str, Any], seed: int | None, where: str) -
 
 def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str, variant: str, dataset: str,
                  run_dir: str, seed: int | None, owned: Mapping[str, Any] | None = None,
-                 from_section: Sequence[str] = (), root: str | None = None) -> Any:
+                 from_section: Sequence[str] = (), root: str | None = None,
+                 check: Callable[[Any, str], None] | None = None) -> Any:
     """The engine config of one stage run, checked as a whole.
 
     ``owned`` holds the values the stage sets itself (dataset, init; ``from_section`` names those
@@ -127,21 +127,16 @@ def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str,
     values = {**stage_params, **(owned or {}), "seed": seed, "output_dir": params.resolve_path(run_dir),
               **tracking_fields(params, stage, variant, dataset, str(model), stage_params, seed)}
     cfg = from_mapping(cls, values, where=where)
-    _check_dense(cfg, where)
+    if check is not None:
+        check(cfg, where)
     values["data_root"] = params.dataset_root(root or dataset, must_exist=True)  # root: a roots key other than the dataset's
     if isinstance(values.get("class_list"), str):  # a class-list file, like a root, is relative to the params file
         values["class_list"] = params.resolve_path(values["class_list"])
     parent = _group_run(params, stage, variant, dataset, str(model))
     cfg = from_mapping(cls, {**values, "parent_run_id": parent}, where=where)
-    _check_dense(cfg, where)
+    if check is not None:
+        check(cfg, where)
     return cfg
-
-
-def _check_dense(cfg: Any, where: str) -> None:
-    from .transfer.config import DenseConfig, check_config
-
-    if isinstance(cfg, DenseConfig):
-        check_config(cfg, where)
 
 
 def _group_run(params: Params, stage: str, variant: str, dataset: str, model: str) -> str | None:
@@ -215,77 +210,6 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
                                  "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
                                  "img_size": input_size(cfg), "seed": cfg.seed,
                                  "model_kwargs": dict(cfg.model_kwargs)})
-    return result
-
-
-COCO_METRICS = ("ap_box", "ap_mask", "ap50_box", "ap75_box", "ap50_mask", "ap75_mask")
-ADE20K_METRICS = ("miou", "pixel_acc", "macc", "baseline_miou", "baseline_pixel_acc")
-
-
-def _number(value: Any) -> Any:
-    """Metrics JSON holds numbers or null (a NaN score means "no ground truth")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _dense_config(cls: type, params: Params, sections: Sequence[str], stage: str, variant: str,
-                  init: str | None, run_dir: str, seed: int | None) -> Any:
-    """A dense-transfer config: ``init`` from the command line, else the section's (resolved), else none."""
-    chosen = init or merged(params, sections).get("init")
-    if chosen is not None and not isinstance(chosen, str):
-        raise ConfigError(f"{params.path}: init={chosen!r}: expected the path of a checkpoint")
-    owned = {"init": params.resolve_path(chosen) if chosen else None}
-    return stage_config(cls, params, sections, stage, variant, stage, run_dir, seed, owned, from_section=("init",))
-
-
-def _plot_rows(history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    return [{k: h[k] for k in ("epoch", "step", "train_loss", "lr", *keys) if k in h} for h in history]
-
-
-def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str | None, run_dir: str,
-               metrics_path: str, plots_path: str, seed: int | None = None) -> dict[str, Any]:
-    """Mask R-CNN on the ``coco`` root from ``init`` (None: the section's init, else random) and its metrics."""
-    from .records import records_path, write_detection_records
-    from .transfer.config import DetectionConfig
-    from .transfer.train import train_detection
-
-    cfg = _dense_config(DetectionConfig, params, sections, "coco", variant, init, run_dir, seed)
-    result = train_detection(cfg)
-    if not is_main_process():
-        return result
-    write_plot_csv(plots_path, _plot_rows(result["history"], COCO_METRICS))
-    per_image = result["records"]  # the last epoch's per-image match records: the report's bootstrap
-    write_detection_records(records_path(metrics_path), per_image["box"], per_image["mask"])
-    write_metrics(metrics_path, {**{k: _number(result[k]) for k in COCO_METRICS},
-                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
-                                 "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
-                                 "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
-                                 "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
-    return result
-
-
-def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: str | None, run_dir: str,
-                 metrics_path: str, plots_path: str, seed: int | None = None) -> dict[str, Any]:
-    """UperNet on the ``ade20k`` root from ``init`` and its metrics, with the majority-class baseline."""
-    from .records import records_path, write_segmentation_records
-    from .transfer.config import SegmentationConfig
-    from .transfer.train import train_segmentation
-
-    cfg = _dense_config(SegmentationConfig, params, sections, "ade20k", variant, init, run_dir, seed)
-    result = train_segmentation(cfg)
-    if not is_main_process():
-        return result
-    write_plot_csv(plots_path, _plot_rows(result["history"], ("miou", "pixel_acc", "macc")))
-    per_image = result["records"]  # the last iteration's per-image intersection/union counts
-    write_segmentation_records(records_path(metrics_path), per_image["intersection"], per_image["union"],
-                               per_image["classes"])
-    write_metrics(metrics_path, {**{k: _number(result[k]) for k in ADE20K_METRICS},
-                                 "per_class_iou": {k: _number(v) for k, v in result["per_class_iou"].items()},
-                                 "init": "pretrained" if cfg.init else "scratch", "run_id": result["run_id"],
-                                 "n_val": result["n_val"], "model": cfg.model, "max_iters": cfg.max_iters,
-                                 "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
-                                 "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
     return result
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from mixmim.pipeline import ade20k_stage, load_params, stage_main, stage_parser
+from mixmim.dense_stages import ade20k_stage
+from mixmim.pipeline import load_params, stage_main, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:

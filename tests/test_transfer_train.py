@@ -21,7 +21,7 @@ from mixmim.models import build_pretrainer
 from mixmim.pipeline import load_params
 from mixmim.tracking import PRETRAIN_RUN_TAG
 from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
-from mixmim.pipeline import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
+from mixmim.dense_stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
 from mixmim.records import read_records
 from mixmim.stats import coco_ap_from_records, miou_from_counts
 from mixmim.transfer.train import (
