@@ -275,3 +275,38 @@ def test_pretrain_stage_runs_the_online_knn_on_a_labelled_dataset(data_root, tmp
     params.write_text(yaml.safe_dump(data))
     pretrain_stage(load_params(params), ["pretrain"], "k", "runs/k", str(tmp_path / "k.json"), str(tmp_path / "k.csv"))
     assert 0.0 <= json.loads((tmp_path / "k.json").read_text())["knn_top1"] <= 100.0
+
+
+@pytest.mark.parametrize("timm_name, kwargs", [
+    ("vit_tiny_patch16_224", dict(depth=2, embed_dim=32, num_heads=2)),
+    ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64))),
+])
+def test_probe_reads_a_timm_adapter_pretraining_checkpoint(tmp_path, timm_name, kwargs):
+    """A backbones-pipeline checkpoint: the architecture (decoder arguments dropped) and the encoder
+    weights come from it; the pretrained and the random encoder give different features."""
+    from mixmim.checkpoint import save_atomic
+    from mixmim.engine.config import to_dict
+    from mixmim.engine.pretrain import build_model
+    from mixmim.probes import ProbeConfig, probe_model, resolve_architecture
+
+    cfg = from_mapping(PretrainConfig, {"model": timm_name, "img_size": 64, "model_kwargs": {
+        **kwargs, "decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}})
+    torch.manual_seed(0)
+    adapter = build_model(cfg)
+    save_atomic({"model": adapter.state_dict(), "config": to_dict(cfg), "kind": "mixmim_pretrain"}, tmp_path / "p.pt")
+    imgs = torch.randn(2, 3, 64, 64)
+    feats = {}
+    for init in (str(tmp_path / "p.pt"), None):
+        probe = resolve_architecture(from_mapping(ProbeConfig, {"init": init, "arch_from": str(tmp_path / "p.pt"),
+                                                                "seed": 1}))
+        assert probe.model == timm_name and not any(k.startswith("decoder_") for k in probe.model_kwargs)
+        model = probe_model(probe)
+        if init is not None:  # every encoder weight is the adapter's
+            encoder = adapter.encoder.state_dict()
+            shared = [k for k in model.state_dict() if k in encoder]
+            assert len(shared) == len(encoder)
+            for key in shared:
+                torch.testing.assert_close(model.state_dict()[key], encoder[key])
+        with torch.no_grad():
+            feats[init is None] = feature_fn(model)(imgs)
+    assert feats[False].shape == feats[True].shape and not torch.allclose(feats[False], feats[True])
