@@ -15,7 +15,7 @@ from typing import Any
 
 from .engine.config import ConfigError
 from .params import Params, merged
-from .pipeline import is_main_process, stage_config, write_metrics, write_plot_csv
+from .pipeline import is_main_process, stage_config, summarize_seeds, write_metrics, write_plot_csv
 from .transfer.config import DetectionConfig, SegmentationConfig, check_config
 
 __all__ = ["ADE20K_METRICS", "COCO_METRICS", "ade20k_stage", "coco_stage"]
@@ -56,6 +56,7 @@ def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str 
     result = train_detection(cfg)
     if not is_main_process():
         return result
+    summarize_seeds(cfg)
     write_plot_csv(plots_path, _plot_rows(result["history"], COCO_METRICS))
     per_image = result["records"]  # the last epoch's per-image match records: the report's bootstrap
     write_detection_records(records_path(metrics_path), per_image["box"], per_image["mask"])
@@ -77,6 +78,7 @@ def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: st
     result = train_segmentation(cfg)
     if not is_main_process():
         return result
+    summarize_seeds(cfg)
     write_plot_csv(plots_path, _plot_rows(result["history"], ("miou", "pixel_acc", "macc")))
     per_image = result["records"]  # the last iteration's per-image intersection/union counts
     write_segmentation_records(records_path(metrics_path), per_image["intersection"], per_image["union"],

@@ -139,6 +139,14 @@ def stage_config(cls: type, params: Params, sections: Sequence[str], stage: str,
     return cfg
 
 
+def summarize_seeds(cfg: Any) -> None:
+    """After a seed's run: refresh its group run's mean over the finished seeds (main process)."""
+    if is_main_process() and cfg.parent_run_id and cfg.tracking_uri:
+        from .tracking import summarize_group
+
+        summarize_group(cfg.tracking_uri, cfg.parent_run_id)
+
+
 def _group_run(params: Params, stage: str, variant: str, dataset: str, model: str) -> str | None:
     """The MLflow group run of (pipeline, stage, variant); its children are the seeds' runs."""
     if not is_main_process():
@@ -178,6 +186,7 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
     result = pretrain(cfg)
     if not is_main_process():
         return result
+    summarize_seeds(cfg)
     history = result["history"]
     write_plot_csv(plots_path, [{k: h[k] for k in ("epoch", "train_loss", "knn_top1") if k in h} for h in history])
     extra = {k: result[k] for k in ("mask_cells", "mean_loss_baseline") if k in result}
@@ -201,6 +210,7 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
     result = finetune(cfg)
     if not is_main_process():
         return result
+    summarize_seeds(cfg)
     keys = ("epoch", "train_loss", "val_top1", "val_top5", "val_loss")
     write_plot_csv(plots_path, [{k: h[k] for k in keys if k in h} for h in result["history"]])
     # the reported numbers are the last epoch's; the per-image records beside them back the report's intervals

@@ -64,6 +64,7 @@ __all__ = [
     "close_stale_runs",
     "project_path",
     "ensure_group_run",
+    "summarize_group",
     "EXPERIMENT_KIND",
     "Terminated",
     "client_uri",
@@ -689,6 +690,32 @@ def ensure_group_run(uri: str, experiment: str, run_name: str, key: str, tags: M
         run = _retry(client.create_run, experiment_id, tags=all_tags, run_name=run_name)
         _retry(client.set_terminated, run.info.run_id, status="FINISHED")
         return run.info.run_id
+
+
+def summarize_group(uri: str, group_run_id: str) -> dict[str, float]:
+    """Log on a group run the mean and sample standard deviation over its FINISHED children (the
+    seeds) of each ``final/*`` metric, as ``seeds/<name>`` and ``seeds/<name>_std``, and their
+    number as ``seeds/n``: the group's row in the runs table compares variants across seeds."""
+    import statistics
+
+    client = _client(uri)
+    group = client.get_run(group_run_id)
+    flt = f"tags.`{_PARENT_RUN_ID_TAG}` = '{group_run_id}' and attributes.status = 'FINISHED'"
+    children = _search_all(client, group.info.experiment_id, flt, None, 10_000)
+    values: dict[str, list[float]] = {}
+    for child in children:
+        for key, value in child.data.metrics.items():
+            if key.startswith("final/"):
+                values.setdefault(key[len("final/"):], []).append(value)
+    summary: dict[str, float] = {"seeds/n": float(len(children))}
+    for key, vals in values.items():
+        summary[f"seeds/{key}"] = statistics.fmean(vals)
+        summary[f"seeds/{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    _retry(client.log_batch, group_run_id, metrics=[Metric(k, v, stamp, 0) for k, v in summary.items()])
+    return summary
 
 
 def _group_lock_path(uri: str) -> Path:

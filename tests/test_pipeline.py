@@ -77,6 +77,9 @@ def test_stages_write_metrics_plots_and_lineage(folder, monkeypatch):
     again = finetune_stage(params, ["finetune"], "finetune", "imagenet", "imagenet", None, "runs/ft4",
                            str(folder / "m" / "ft4.json"), str(folder / "p" / "ft4.csv"), seed=4)
     assert client.get_run(again["run_id"]).data.tags["mlflow.parentRunId"] == group.info.run_id
+    summary = client.get_run(group.info.run_id).data.metrics  # the group compares its seeds at a glance
+    tops = [client.get_run(r).data.metrics["final/top1"] for r in (ft["run_id"], again["run_id"])]
+    assert summary["seeds/n"] == 2 and summary["seeds/top1"] == pytest.approx(sum(tops) / 2)
     experiment = client.get_experiment_by_name("pipeline-tests")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
