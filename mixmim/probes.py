@@ -174,19 +174,26 @@ def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
 
 
+def _image_label(items: list[Any]) -> tuple[Tensor, Tensor]:
+    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items], dtype=torch.long)
+
+
 @torch.no_grad()
 def extract_features(fn: FeatureFn, dataset: Any, batch_size: int = 64, device: torch.device | str = "cpu",
-                     indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Features (N, C) and labels (N,) of ``dataset`` items (``(image, label, ...)``) in order, in eval mode."""
+                     indices: Sequence[int] | None = None, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Features (N, C) and labels (N,) of ``dataset`` items (``(image, label, ...)``) in order, in eval
+    mode; ``num_workers`` loader processes decode the images (a real dataset's train split is large)."""
+    from torch.utils.data import DataLoader, Subset
+
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if not indices:
         raise ValueError("no images to extract features from; the dataset is empty")
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_image_label)
     feats, labels = [], []
-    for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start:start + batch_size]]
-        imgs = torch.stack([it[0] for it in items]).to(device)
-        feats.append(fn(imgs).float().cpu())
-        labels.append(torch.tensor([int(it[1]) for it in items], dtype=torch.long))
+    for imgs, batch_labels in loader:
+        feats.append(fn(imgs.to(device)).float().cpu())
+        labels.append(batch_labels)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -194,8 +201,9 @@ def extract_features(fn: FeatureFn, dataset: Any, batch_size: int = 64, device: 
 class OnlineKNN:
     """The pretraining engine's evaluation hook: k-NN top-1 every ``every`` epochs.
 
-    ``train_set`` and ``val_set`` are the pretraining dataset's splits with an evaluation
-    transform; their labels are used here only, never by the pretraining loss. Called
+    ``train_set`` and ``val_set`` are a labelled dataset's splits (the pretraining dataset's
+    or ``knn_dataset``'s) with an evaluation transform; their labels are used here only,
+    never by the pretraining loss. Called
     with the model and the 1-based epoch number; returns ``{"knn_top1": ...}`` on the
     epochs it runs (a multiple of ``every`` or the last one) and ``{}`` otherwise.
     """
@@ -210,6 +218,7 @@ class OnlineKNN:
     device: torch.device | str = "cpu"
     max_train: int | None = None
     seed: int = 0
+    num_workers: int = 0
     train_indices: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -227,8 +236,9 @@ class OnlineKNN:
         model.eval()
         try:
             fn = feature_fn(model)
-            xtr, ytr = extract_features(fn, self.train_set, self.batch_size, self.device, self.train_indices)
-            xva, yva = extract_features(fn, self.val_set, self.batch_size, self.device)
+            xtr, ytr = extract_features(fn, self.train_set, self.batch_size, self.device, self.train_indices,
+                                        self.num_workers)
+            xva, yva = extract_features(fn, self.val_set, self.batch_size, self.device, num_workers=self.num_workers)
         finally:
             model.train(was_training)
         return {"knn_top1": knn_probe(xtr, ytr, xva, yva, self.k, self.temperature).top1}
@@ -314,9 +324,9 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     train = classification_split(cfg.dataset, cfg.data_root, "train", tf, cfg.skip_bad_images)
     val = classification_split(cfg.dataset, cfg.data_root, "val", tf, cfg.skip_bad_images)
     fn = feature_fn(model)
-    xtr, ytr = extract_features(fn, train, cfg.batch_size, info.device, subset_indices(len(train), cfg.max_train,
-                                                                                        cfg.seed))
-    xva, yva = extract_features(fn, val, cfg.batch_size, info.device)
+    xtr, ytr = extract_features(fn, train, cfg.batch_size, info.device,
+                                subset_indices(len(train), cfg.max_train, cfg.seed), cfg.num_workers)
+    xva, yva = extract_features(fn, val, cfg.batch_size, info.device, num_workers=cfg.num_workers)
     num_classes = int(max(ytr.max(), yva.max())) + 1
     knn = knn_probe(xtr, ytr, xva, yva, cfg.knn_k, cfg.knn_temperature, num_classes)
     lin = linear_probe(xtr, ytr, xva, yva, num_classes, cfg.linear_steps, cfg.linear_weight_decay, cfg.seed)

@@ -106,7 +106,7 @@ def online_knn(cfg: PretrainConfig, img_size: int, device: torch.device) -> Any:
     return OnlineKNN(classification_split(name, root, "train", tf, cfg.skip_bad_images),
                      classification_split(name, root, "val", tf, cfg.skip_bad_images),
                      cfg.knn_every, cfg.epochs, cfg.knn_k, cfg.knn_temperature, cfg.batch_size, device,
-                     cfg.knn_max_train, cfg.seed)
+                     cfg.knn_max_train, cfg.seed, cfg.num_workers)
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
