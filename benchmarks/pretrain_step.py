@@ -1,62 +1,35 @@
-"""Throughput and peak memory of one whole MixMIM pretraining step.
+"""Throughput and peak memory of one whole MixMIM pretraining step of this suite.
 
-A step is forward, backward and an AdamW update on a random batch with a random mask.
-Two attention implementations of the same math are compared:
+A step is forward, backward and an AdamW update on a random batch with a random mask,
+fp32 or bf16 autocast, on the CPU or a CUDA device. Peak memory is the process's peak
+resident set (CPU) or peak allocated memory (CUDA). For the comparison with the authors'
+implementation see ``vs_original.py``. ``--ablation plain`` is an ablation of this suite's
+own attention, not a comparison with anyone's code: it switches the CPU fast routes off
+(``F.linear`` instead of oneDNN, ``F.scaled_dot_product_attention`` with the bias instead of
+the written-out attention); run it in its own process.
 
-- ``sdpa``: the model as shipped; ``F.scaled_dot_product_attention`` with one additive
-  bias (relative position + group restriction) whose group part is built once per stage;
-- ``naive``: a straightforward version kept here only for comparison; every block
-  repeats the mask over the batch, builds its own group restriction, adds
-  ``-1e30`` where groups differ and materialises the softmax, as the original code does.
-
-Each variant runs in its own subprocess so that its peak resident memory (CPU) or peak
-allocated memory (CUDA) is its own. Usage:
-
-    python benchmarks/pretrain_step.py --model mixmim_base --batch 4 --img-size 224 \
-        --precision fp32 --steps 3 --compare
+    python benchmarks/pretrain_step.py --model mixmim_base --batch 4 --precision fp32 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import time
 
 import torch
-from torch import Tensor
 
 from mixmim.models import build_pretrainer
-from mixmim.models.layers import WindowAttention
+from mixmim.models import layers
 
 
-def naive_window_attention(self: WindowAttention, x: Tensor, group_bias: Tensor | None = None) -> Tensor:
-    """Masked-softmax attention written out, with the mask rebuilt in every block."""
-    b, nw, n, c = x.shape
-    h = self.num_heads
-    qkv = self.qkv(x).view(b * nw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    attn = (q * (c // h) ** -0.5) @ k.transpose(-2, -1)
-    attn = attn + self.relative_bias().unsqueeze(0)
-    if group_bias is not None:
-        # Recover the group of every token of every window, then repeat over the batch.
-        groups = (group_bias[:, 0, 0, :] == 0).to(x.dtype)  # (nW, N): 1 = same group as token 0
-        groups = groups.repeat(b, 1).unsqueeze(-1)  # (B*nW, N, 1)
-        same = groups @ groups.transpose(1, 2) + (1 - groups) @ (1 - groups).transpose(1, 2)
-        attn = attn - 1e30 * (1 - same).unsqueeze(1)
-    attn = attn.softmax(dim=-1)
-    out = (attn @ v).transpose(1, 2).reshape(b, nw, n, c)
-    return self.proj_drop(self.proj(out))
-
-
-def run_variant(args: argparse.Namespace) -> dict[str, object]:
+def run(args: argparse.Namespace) -> dict[str, object]:
+    if args.ablation == "plain":
+        layers.onednn_linear_applies = lambda x, w: False
+        layers._explicit_attention_applies = lambda x, w: False
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if args.attention == "naive":
-        WindowAttention.forward = naive_window_attention
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     model = build_pretrainer(args.model, **kwargs).to(device).train()
     size = model.encoder.img_size
@@ -72,35 +45,29 @@ def run_variant(args: argparse.Namespace) -> dict[str, object]:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    first_loss = step()  # also a warm-up step
+    first_loss = step()
     for _ in range(args.warmup - 1):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        t = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {
-        "attention": args.attention, "model": args.model, "batch": args.batch, "img_size": size[0],
-        "precision": args.precision, "device": args.device, "steps": args.steps,
-        "images_per_s": round(args.batch * args.steps / elapsed, 3),
-        "s_per_step": round(elapsed / args.steps, 3), "peak_mem_mib": round(peak_mib, 1),
-        "first_loss": first_loss,
-    }
-
-
-def describe_machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return {"model": args.model, "batch": args.batch, "img_size": size[0], "precision": args.precision,
+            "device": args.device, "ablation": args.ablation, "steps": args.steps,
+            "images_per_s": round(args.batch / med, 3), "s_per_step_median": round(med, 3),
+            "peak_mem_mib": round(peak_mib, 1), "first_loss": first_loss}
 
 
 def main() -> None:
@@ -110,30 +77,13 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention", choices=["sdpa", "naive"], default="sdpa")
+    parser.add_argument("--ablation", choices=["none", "plain"], default="none")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
-    parser.add_argument("--compare", action="store_true", help="run both variants, each in a subprocess")
     args = parser.parse_args()
-    if not args.compare:
-        print(json.dumps(run_variant(args)))
-        return
-    rows = []
-    for attention in ("naive", "sdpa"):
-        cmd = [sys.executable, __file__] + [a for a in sys.argv[1:] if a != "--compare"]
-        cmd += ["--attention", attention]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    naive, sdpa = rows
-    print(f"machine: {describe_machine(args.device)}; torch {torch.__version__}")
-    print("| attention | model | batch | img | precision | images/s | s/step | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['attention']} | {r['model']} | {r['batch']} | {r['img_size']} | {r['precision']} | "
-              f"{r['images_per_s']} | {r['s_per_step']} | {r['peak_mem_mib']} |")
-    print(f"first-step loss naive {naive['first_loss']:.6f}, sdpa {sdpa['first_loss']:.6f} (same math)")
-    print(f"speedup sdpa/naive: {sdpa['images_per_s'] / naive['images_per_s']:.2f}x; "
-          f"peak memory sdpa/naive: {sdpa['peak_mem_mib'] / naive['peak_mem_mib']:.2f}")
+    if args.steps < 1 or args.warmup < 1:
+        raise ValueError(f"--steps {args.steps} --warmup {args.warmup}; expected at least 1 of each")
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":

@@ -56,11 +56,12 @@ def assert_same_step(fast_loss, fast_grads, plain_loss, plain_grads):
 
 @pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear op")
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_f_linear(bias):
+@pytest.mark.parametrize("cin,cout", [(24, 40), (256, 384)])  # weight gradient by BLAS, by oneDNN
+def test_onednn_linear_matches_f_linear(bias, cin, cout):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 24, generator=g).transpose(0, 1).requires_grad_()  # non-contiguous input
-    w = torch.randn(40, 24, generator=g, requires_grad=True)
-    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    x = torch.randn(3, 5, cin, generator=g).transpose(0, 1).requires_grad_()  # non-contiguous input
+    w = torch.randn(cout, cin, generator=g, requires_grad=True)
+    b = torch.randn(cout, generator=g, requires_grad=True) if bias else None
     assert onednn_linear_applies(x, w)
     out = fast_linear(x, w, b)
     gy = torch.randn_like(out)

@@ -1,0 +1,152 @@
+"""This suite's MixMIM pretraining step against the authors' implementation, on the CPU.
+
+The original (Sense-X/MixMIM at 2b2f5a9) is laid outside the project by
+``../shared/bench-original/lay_original.sh`` and imported from the folder given here;
+nothing of it is part of this project. A step is forward, backward and an AdamW step,
+the same optimizer and inputs for both sides. The two sides alternate round by round in
+one process so that machine noise hits both alike; the speed-up is the median over rounds
+of (original's step time / ours), with a 95% bootstrap interval of that median.
+
+``--precision bf16`` runs both sides under ``torch.autocast("cpu", torch.bfloat16)``.
+``--memory`` also runs each side alone in a fresh process and reports its peak resident
+memory (two steps), since one process cannot separate the two sides' peaks.
+
+    python benchmarks/vs_original.py /tmp/mixmim-original --rounds 6 --precision fp32 --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def load_original(folder: Path):
+    """The original ``models_mixmim`` module from a laid folder, or a clear error."""
+    if not (folder / "models_mixmim.py").is_file():
+        raise SystemExit(
+            f"no original implementation at {folder} (models_mixmim.py not found): lay it first with\n"
+            "  ../shared/bench-original/lay_original.sh PATH/TO/Sense-X-MixMIM-git-dir " + str(folder) + "\n"
+            "nothing was measured"
+        )
+    sys.path.insert(0, str(folder))
+    warnings.filterwarnings("ignore")
+    import models_mixmim  # noqa: PLC0415  (the laid original, imported only here)
+
+    return models_mixmim
+
+
+def build_sides(original, name: str):
+    from mixmim.models import build_pretrainer
+
+    torch.manual_seed(0)
+    ours = build_pretrainer(name)
+    torch.manual_seed(0)
+    theirs = getattr(original, name)(norm_pix_loss=True)
+    return {"ours": (ours, lambda m, x: m(x).loss), "original": (theirs, lambda m, x: m(x, mask_ratio=0.5)[0])}
+
+
+def make_step(model, loss_of, x, precision: str):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step() -> float:
+        t = time.perf_counter()
+        with ctx:
+            loss = loss_of(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    return step
+
+
+def bootstrap_median_ci(values: list[float], reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        cpu_flags = next(ln for ln in text.splitlines() if ln.startswith("flags")).split()
+        flags = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags)
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({flags or 'no AVX-512'}), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def peak_memory_alone(folder: Path, side: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process running two steps of one side."""
+    cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
+           "--img-size", str(args.img_size), "--precision", args.precision, "--only", side]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("original", type=Path, help="folder laid by lay_original.sh")
+    parser.add_argument("--model", default="mixmim_base", choices=["mixmim_base", "mixmim_large", "mixmim_huge"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS of each side alone")
+    parser.add_argument("--only", choices=["ours", "original"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rounds < 1 or args.batch < 1:
+        raise ValueError(f"--rounds {args.rounds} --batch {args.batch}; expected positive counts")
+    original = load_original(args.original)
+    sides = build_sides(original, args.model)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    if args.only:
+        model, loss_of = sides[args.only]
+        del sides
+        step = make_step(model, loss_of, x, args.precision)
+        step()
+        step()
+        print(json.dumps({"side": args.only, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    steps = {k: make_step(m, f, x, args.precision) for k, (m, f) in sides.items()}
+    for s in steps.values():  # warm-up round, not timed
+        s()
+    times = {k: [] for k in steps}
+    for r in range(args.rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for k in order:
+            times[k].append(steps[k]())
+    ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
+    lo, hi = bootstrap_median_ci(ratios)
+    print(f"machine: {machine()}")
+    print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up)")
+    print("step seconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
+          f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
+    if args.memory:
+        del sides, steps
+        mem = {side: peak_memory_alone(args.original, side, args) for side in ("ours", "original")}
+        print(f"peak RSS alone (2 steps): ours {mem['ours']:.0f} MiB, original {mem['original']:.0f} MiB, "
+              f"ratio {mem['ours'] / mem['original']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
