@@ -227,7 +227,9 @@ def test_layer_decay_groups_order_depths():
     depth = 6  # patch embed 0, 5 blocks, then norm + head
     assert scale_of[id(named["encoder.patch_embed.proj.weight"])] == pytest.approx(0.5**depth)
     assert scale_of[id(named["encoder.stages.0.blocks.0.attn.qkv.weight"])] == pytest.approx(0.5 ** (depth - 1))
-    assert scale_of[id(named["encoder.stages.1.merge.proj.weight"])] == pytest.approx(0.5 ** (depth - 1))
+    # a patch merging joins the block it feeds (the authors' util/lr_decay.py), here stage 2's first block
+    assert scale_of[id(named["encoder.stages.1.merge.proj.weight"])] == pytest.approx(0.5 ** (depth - 2))
+    assert scale_of[id(named["encoder.stages.1.blocks.0.attn.qkv.weight"])] == pytest.approx(0.5 ** (depth - 2))
     assert scale_of[id(named["head.weight"])] == 1.0
     assert decay_of[id(named["encoder.stages.0.blocks.0.attn.rel_pos_table"])] == 0.0
     assert decay_of[id(named["encoder.stages.0.blocks.0.norm1.weight"])] == 0.0

@@ -167,6 +167,30 @@ def test_layer_decay_groups():
     torch.optim.AdamW(groups)  # accepted as they are
 
 
+def test_classifier_and_dense_backbone_share_one_layer_decay_rule():
+    """Every encoder parameter gets the same lr scale in classification finetuning (timm groups over
+    the classifier's group_matcher) and in the dense backbone: a patch merging with the block it feeds,
+    as in the authors' util/lr_decay.py; the classifier's head and the backbone's output norms at 1."""
+    from mixmim.engine.optim import build_adamw
+    from mixmim.models import build_classifier
+
+    classifier = build_classifier("mixmim_nano", num_classes=3, img_size=64)
+    opt = build_adamw(classifier, lr=1.0, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.5)
+    cls_scale = {n: g["lr_scale"] for g in opt.param_groups for p in g["params"]
+                 for n, q in classifier.named_parameters() if q is p}
+    model = build_upernet(small_backbone(64), ADE_CLASSES, channels=16, aux_channels=8)
+    dense_scale = {n[len("backbone."):]: g["lr_scale"]
+                   for g in param_groups_layer_decay(model, 1.0, 0.05, 0.5) for n in g["param_names"]
+                   if n.startswith("backbone.encoder.")}
+    shared = sorted(set(cls_scale) & set(dense_scale))
+    assert len(shared) > 20 and any(".merge." in n for n in shared)
+    for name in shared:
+        assert cls_scale[name] == pytest.approx(dense_scale[name]), name
+    assert cls_scale["encoder.stages.1.merge.proj.weight"] == cls_scale["encoder.stages.1.blocks.0.attn.qkv.weight"]
+    assert cls_scale["encoder.stages.1.merge.proj.weight"] > cls_scale["encoder.stages.0.blocks.0.attn.qkv.weight"]
+    assert cls_scale["head.weight"] == 1.0
+
+
 # --------------------------------------------------------------------- detection
 def test_mask_rcnn_training_lowers_the_loss_and_evaluates(coco_root):
     train = CocoInstanceDataset(coco_root, "train")

@@ -25,7 +25,7 @@ from mixmim.dense_stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco
 from mixmim.records import read_records
 from mixmim.stats import coco_ap_from_records, miou_from_counts
 from mixmim.transfer.train import (
-    DETECTOR_WEIGHTS, PER_CLASS_FILE, SEGMENTOR_WEIGHTS, DenseSchedule, build_dense_backbone, build_detector,
+    DETECTOR_WEIGHTS, PER_CLASS_FILE, SEGMENTOR_WEIGHTS, build_dense_backbone, build_dense_schedule, build_detector,
     build_segmentor, majority_class_baseline, train_detection, train_segmentation,
 )
 from mixmim.transfer import mask_rcnn_complexity, upernet_complexity
@@ -257,22 +257,87 @@ def test_paper_defaults():
     check_config(seg)
 
 
+# --------------------------------------------------------------------------- collectives
+def _sharded_evaluation(rank: int, world: int, init_file: str, roots: dict[str, Path], out: str) -> dict:
+    """Both dense evaluations (with per-image records) of fixed untrained models, on ``world`` gloo ranks."""
+    import torch.distributed as dist
+
+    from mixmim.engine.distributed import DistInfo
+    from mixmim.transfer.data import ADE20KDataset, CocoInstanceDataset
+    from mixmim.transfer.train import ade20k_num_classes, evaluate_ade20k, evaluate_detection
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank=rank, world_size=world)
+    seg_cfg = from_mapping(SegmentationConfig, {**ADE_SECTION, "data_root": str(roots["ade20k"])})
+    det_cfg = from_mapping(DetectionConfig, {**COCO_SECTION, "data_root": str(roots["coco"])})
+    k = ade20k_num_classes(roots["ade20k"])
+    torch.manual_seed(0)
+    segmentor = build_segmentor(seg_cfg, k)
+    coco_val = CocoInstanceDataset(roots["coco"], "val")
+    detector = build_detector(det_cfg, coco_val.num_classes)
+    seg = evaluate_ade20k(segmentor, ADE20KDataset(roots["ade20k"], "val", num_classes=k), seg_cfg, info,
+                          records=True)
+    det = evaluate_detection(detector, coco_val, info, records=True)
+    result = {"seg": {key: seg[key] for key in ("mIoU", "aAcc", "intersection", "union", "num_images")},
+              "det": det}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    Path(f"{out}.{rank}.json").write_text(json.dumps(result, default=str))
+    return result
+
+
+def test_sharded_dense_evaluation_on_two_gloo_processes_matches_one(roots, tmp_path):
+    """The collectives of mixmim.engine.distributed (all_reduce_sum, all_gather_object, broadcast_object)
+    give every rank of a 2-process run the scores and per-image records of a 1-process run."""
+    import torch.multiprocessing as mp
+
+    _sharded_evaluation(0, 1, "", roots, str(tmp_path / "one"))
+    mp.start_processes(_sharded_evaluation, args=(2, str(tmp_path / "init"), roots, str(tmp_path / "two")),
+                       nprocs=2, start_method="fork")
+    one = json.loads((tmp_path / "one.0.json").read_text())
+    assert one["seg"]["num_images"] == 2 and len(one["seg"]["intersection"]) == 2
+    assert len(one["det"]["records"]["box"]) == 2
+    for rank in (0, 1):
+        two = json.loads((tmp_path / f"two.{rank}.json").read_text())
+        assert two["seg"] == one["seg"], rank
+        assert {k: v for k, v in two["det"].items() if k != "records"} == \
+            {k: v for k, v in one["det"].items() if k != "records"}, rank
+    assert json.loads((tmp_path / "two.0.json").read_text())["det"]["records"] == one["det"]["records"]
+
+
 # --------------------------------------------------------------------------- schedule and baseline
 def test_schedule_warmup_steps_and_layer_scale():
+    """timm's schedulers through build_dense_schedule: warmup from warmup_factor * lr, 10x drops at the
+    lr_steps fractions (the milestone step is the first at the lower lr), poly and cosine over the run."""
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-    opt = torch.optim.AdamW([{"params": [params[0]], "lr_scale": 0.5}, {"params": [params[1]], "lr_scale": 1.0}])
-    step = DenseSchedule(opt, lr=1.0, total_steps=100, warmup_steps=10, kind="step", warmup_factor=0.001,
-                         milestones=[80, 90])
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": [params[0]], "lr_scale": 0.5}, {"params": [params[1]], "lr_scale": 1.0}],
+                                 lr=1.0)
+
+    def lrs(cfg: DetectionConfig, warmup: int, steps: tuple[int, ...]) -> dict[int, float]:
+        opt = optimizer()
+        sched = build_dense_schedule(opt, cfg, total_steps=100, warmup_steps=warmup)
+        out = {}
+        for t in steps:
+            sched.step_update(t)
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt.param_groups[1]["lr"]), t  # lr_scale once
+            out[t] = opt.param_groups[1]["lr"]
+        return out
+
+    step = DetectionConfig(lr=1.0, schedule="step", warmup_factor=0.001, lr_steps=(0.8, 0.9))
+    opt = optimizer()
+    build_dense_schedule(opt, step, total_steps=100, warmup_steps=10)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0005) and opt.param_groups[1]["lr"] == pytest.approx(0.001)
-    expected = {5: 0.001 + 0.999 * 0.5, 10: 1.0, 79: 1.0, 80: 0.1, 90: 0.01, 100: 0.01}
-    for t, value in expected.items():
-        step.step_update(t)
-        assert opt.param_groups[1]["lr"] == pytest.approx(value), t
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * value), t  # lr_scale applied once
-    poly = DenseSchedule(opt, lr=1.0, total_steps=100, warmup_steps=0, kind="poly", power=1.0)
-    assert [poly.value(t) for t in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
-    cosine = DenseSchedule(opt, lr=1.0, total_steps=100, warmup_steps=0, kind="cosine", min_lr=0.1)
-    assert [cosine.value(t) for t in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
+    expected = {5: 0.001 + 0.999 * 0.5, 10: 1.0, 79: 1.0, 80: 0.1, 89: 0.1, 90: 0.01, 100: 0.01}
+    assert lrs(step, 10, tuple(expected)) == pytest.approx(expected)
+    poly = DetectionConfig(lr=1.0, schedule="poly", poly_power=1.0)
+    assert list(lrs(poly, 0, (0, 50, 100)).values()) == pytest.approx([1.0, 0.5, 0.0])
+    cosine = DetectionConfig(lr=1.0, schedule="cosine", min_lr=0.1)
+    assert list(lrs(cosine, 0, (0, 50, 100)).values()) == pytest.approx([1.0, 0.55, 0.1])
 
 
 def test_majority_class_baseline():

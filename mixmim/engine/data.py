@@ -156,10 +156,11 @@ def collate(batch: list[tuple[Any, int, int]]) -> tuple[torch.Tensor, torch.Tens
 
 
 def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, num_workers: int,
-                pin_memory: bool, drop_last: bool) -> DataLoader:
-    """A loader whose worker seeding never touches the global RNG (own generator)."""
+                pin_memory: bool, drop_last: bool, collate_fn: Any = None) -> DataLoader:
+    """A loader whose worker seeding never touches the global RNG (own generator); ``collate_fn``
+    replaces the classification collate (dense tasks)."""
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn or collate,
         pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )

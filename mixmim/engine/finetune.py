@@ -11,13 +11,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ..checkpoint import (
-    adapt_rel_pos_tables, convert_reference_state_dict, encoder_state_dict, load_checked, load_file, save_atomic,
-    unwrap_state_dict,
+    adapt_rel_pos_tables, convert_reference_state_dict, encoder_state_dict, load_checked, load_file, unwrap_state_dict,
 )
 from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
 from ..models.registry import default_img_size, model_family
 from ..models.adapters import create_timm_model
-from ..tracking import PRETRAIN_RUN_TAG, read_run_ref, write_run_ref
 from .config import ConfigError, FinetuneConfig, to_dict
 from .data import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
@@ -25,9 +23,9 @@ from .data import (
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
-from .pretrain import RUN_REF
 from .runner import (
-    build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+    build_loop, init_tags, open_tracker, output_dir, per_rank_seed, periodic, run_params, save_final, seed_everything,
+    train_data, wrap_model,
 )
 
 FINETUNE_WEIGHTS = "finetune.pt"
@@ -209,20 +207,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 return criterion(m(imgs), targets)
             return criterion(m(imgs), labels)
 
-        parent_pretrain = None
-        if cfg.init and (Path(cfg.init).parent / RUN_REF).is_file():
-            parent_pretrain = read_run_ref(Path(cfg.init).parent / RUN_REF).get("run_id")
         stage = "linear_probe" if probe else "finetune"
-        tags = {"mixmim.stage": stage, "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset,
-                "mixmim.init": cfg.init or "scratch"}
-        if parent_pretrain:
-            tags[PRETRAIN_RUN_TAG] = parent_pretrain
-        def periodic_evaluate(m: nn.Module) -> dict[str, float]:
-            """Validation after every ``eval_every``-th epoch; the final one is evaluated after the loop."""
-            epoch = len(loop.history) + 1  # the epoch being closed
-            if cfg.eval_every > 0 and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:
-                return evaluate(m, val_loader, info, cfg.precision)
-            return {}
+        tags = init_tags(cfg, stage, cfg.dataset)
+        periodic_evaluate = periodic(lambda m: evaluate(m, val_loader, info, cfg.precision), cfg.eval_every,
+                                     cfg.epochs, lambda: loop)
 
         with open_tracker(cfg, info, f"{stage}/{cfg.dataset}", tags) as tracker:
             derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
@@ -241,10 +229,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if history:  # the last epoch's validation is the final evaluation (not run twice)
                 history[-1].update({k: final[k] for k in ("val_top1", "val_top5", "val_loss") if k in final})
             tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=history[-1]["step"] if history else 0)
-            if info.is_main:
-                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": f"mixmim_{stage}"},
-                            out / FINETUNE_WEIGHTS)
-                write_run_ref(out / RUN_REF, tracker)
+            save_final(model, cfg, out / FINETUNE_WEIGHTS, f"mixmim_{stage}", tracker, info)
             # the reported epoch is the last one; its per-image records back the report's intervals
             return {"history": history, **result, "run_id": tracker.run_id, "n_val": len(val_set),
                     "val_labels": final["val_labels"], "val_preds": final["val_preds"]}

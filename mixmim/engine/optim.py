@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 
@@ -46,6 +47,33 @@ def build_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, wa
         optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr, warmup_t=warmup_steps,
         warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
     )
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,
+                   warmup_lr_init: float, milestones: tuple[int, ...] | list[int] = (), gamma: float = 0.1,
+                   power: float = 1.0, min_lr: float = 0.0) -> Scheduler:
+    """timm's per-iteration schedule of ``kind`` over the whole run (detection and segmentation):
+    a linear warmup from ``warmup_lr_init`` to each group's base lr over ``warmup_steps``, then
+
+    * ``step``: the lr times ``gamma`` at each optimiser step in ``milestones`` (ViTDet, detectron2),
+    * ``poly``: ``(lr - min_lr) * (1 - t / total) ** power + min_lr`` (mmcv's poly, as BEiT),
+    * ``cosine``: from lr to ``min_lr``.
+
+    Warmup steps count towards ``total_steps`` and the milestones (``warmup_prefix=False``).
+    Group lrs must hold the base lr; the scheduler multiplies each by the group's ``lr_scale``.
+    """
+    if kind not in ("step", "poly", "cosine"):
+        raise ValueError(f"schedule {kind!r}; expected step, poly or cosine")
+    total = max(int(total_steps), 1)
+    common = dict(warmup_t=max(int(warmup_steps), 0), warmup_lr_init=warmup_lr_init, warmup_prefix=False,
+                  t_in_epochs=False)
+    if kind == "step":
+        # timm decays once t + 1 reaches a milestone; + 1 makes step m the first at the lower lr
+        return MultiStepLRScheduler(optimizer, decay_t=sorted(int(m) + 1 for m in milestones), decay_rate=gamma,
+                                    **common)
+    if kind == "poly":
+        return PolyLRScheduler(optimizer, t_initial=total, power=power, lr_min=min_lr, **common)
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=min_lr, **common)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -6,20 +6,19 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import save_atomic
 from ..models import build_pretrainer
 from ..models.registry import TIMM_DEFAULT_IMG_SIZE, model_family
-from ..tracking import write_run_ref
 from .config import PretrainConfig, to_dict
 from .data import classification_split, pretrain_transform
 from .distributed import cleanup, init_distributed
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
+from .runner import RUN_REF  # noqa: F401  (re-exported: the run reference's file name)
 from .runner import (
-    build_loop, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+    build_loop, open_tracker, output_dir, per_rank_seed, run_params, save_final, seed_everything,
+    train_data, wrap_model,
 )
 
 PRETRAIN_WEIGHTS = "pretrain.pt"
-RUN_REF = "mlflow_run.json"
 BASELINE_IMAGES = 2048  # training images (a seeded subset when there are more) behind mean_loss_baseline
 
 
@@ -156,9 +155,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                                                                  seed=cfg.seed)
                 tracker.log_metrics({f"final/{k}": v for k, v in extra.items()},
                                     step=history[-1]["step"] if history else 0)
-                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_pretrain"},
-                            out / PRETRAIN_WEIGHTS)
-                write_run_ref(out / RUN_REF, tracker)
+                save_final(model, cfg, out / PRETRAIN_WEIGHTS, "mixmim_pretrain", tracker, info)
                 if history:
                     tracker.log_metrics({"final/train_loss": history[-1]["train_loss"]}, step=history[-1]["step"])
             return {"history": history, "run_id": tracker.run_id, "weights": str(out / PRETRAIN_WEIGHTS), **extra}

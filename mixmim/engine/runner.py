@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from ..tracking import (
+    PRETRAIN_RUN_TAG, Tracker, check_tracking_uri, read_run_ref, resolve_tracking_uri, write_run_ref,
+)
 from .config import RuntimeConfig, to_dict
 from .data import ResumableSampler, SeededDataset, make_loader
 from .distributed import DistInfo
-from ..checkpoint import load_file
-from .loop import RUN_ID_KEY, Loop, resume_blocker
+from ..checkpoint import load_file, save_atomic
+from .loop import RUN_ID_KEY, EvalFn, Loop, resume_blocker
 from .state import LAST
+
+#: The MLflow run reference written beside a run's final weights (:func:`save_final`).
+RUN_REF = "mlflow_run.json"
+
+logger = logging.getLogger("mixmim.engine")
 
 
 def seed_everything(seed: int) -> None:
@@ -59,8 +68,10 @@ class TrainData:
         return self.batches_per_epoch // self.accum
 
 
-def train_data(dataset: Any, cfg: RuntimeConfig, batch_size: int, info: DistInfo) -> TrainData:
-    """Seeded dataset, resumable sampler and loader; the epoch length respects the step cap."""
+def train_data(dataset: Any, cfg: RuntimeConfig, batch_size: int, info: DistInfo,
+               collate_fn: Any = None) -> TrainData:
+    """Seeded dataset, resumable sampler and loader (``collate_fn`` for dense batches); the epoch
+    length respects the step cap."""
     if cfg.accum_iter < 1:
         raise ValueError(f"accum_iter={cfg.accum_iter}; expected a positive integer")
     seeded = SeededDataset(dataset, cfg.seed)
@@ -72,7 +83,8 @@ def train_data(dataset: Any, cfg: RuntimeConfig, batch_size: int, info: DistInfo
     if batches == 0:
         raise ValueError(f"an epoch has fewer than accum_iter={cfg.accum_iter} batches of {batch_size}; "
                          "lower batch_size or accum_iter")
-    loader = make_loader(seeded, sampler, batch_size, cfg.num_workers, info.device.type == "cuda", drop_last=True)
+    loader = make_loader(seeded, sampler, batch_size, cfg.num_workers, info.device.type == "cuda", drop_last=True,
+                         collate_fn=collate_fn)
     return TrainData(seeded, sampler, loader, batches, cfg.accum_iter)
 
 
@@ -87,6 +99,44 @@ def build_loop(cfg: RuntimeConfig, *, model: nn.Module, train_model: nn.Module, 
                 tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad,
                 ckpt_every_steps=cfg.ckpt_every_steps, log_every_steps=cfg.log_every_steps,
                 channels_last=cfg.channels_last, progress=cfg.progress, resume=cfg.resume, evaluate=evaluate)
+
+
+def periodic(evaluate: EvalFn, every: int, epochs: int, loop: Callable[[], Loop]) -> EvalFn | None:
+    """The loop's evaluation hook: ``evaluate`` after every ``every``-th epoch but the last (the
+    engine evaluates the final weights after the loop), nothing on other epochs; None when
+    ``every`` is 0. ``loop()`` returns the loop whose epoch is being closed."""
+    if every <= 0:
+        return None
+
+    def run(model: nn.Module) -> dict[str, float]:
+        epoch = len(loop().history) + 1
+        return evaluate(model) if epoch % every == 0 and epoch < epochs else {}
+
+    return run
+
+
+def init_tags(cfg: RuntimeConfig, stage: str, dataset: str) -> dict[str, str]:
+    """Tags of a run that starts from ``cfg.init``: stage, model, dataset, init, and the MLflow
+    run of the pretraining that wrote it (its run reference beside the weights), if any."""
+    init = getattr(cfg, "init", None)
+    tags = {"mixmim.stage": stage, "mixmim.model": getattr(cfg, "model", ""), "mixmim.dataset": dataset,
+            "mixmim.init": init or "scratch"}
+    ref = Path(init).parent / RUN_REF if init else None
+    if ref is not None and ref.is_file():
+        try:
+            tags[PRETRAIN_RUN_TAG] = read_run_ref(ref)["run_id"]
+        except (ValueError, KeyError) as err:
+            logger.warning("ignoring the run reference %s: %s", ref, err)
+    return tags
+
+
+def save_final(model: nn.Module, cfg: RuntimeConfig, path: Path, kind: str, tracker: Tracker, info: DistInfo,
+               **extra: Any) -> None:
+    """The trained weights (with the config, ``kind`` and ``extra``) written atomically to ``path``
+    and the run reference beside them, by the main rank: what later stages and reports read."""
+    if info.is_main:
+        save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": kind, **extra}, path)
+        write_run_ref(path.parent / RUN_REF, tracker)
 
 
 def interrupted_run_id(cfg: RuntimeConfig, epochs: int | None) -> str | None:

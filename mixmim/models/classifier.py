@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import Tensor, nn
 
-from .encoder import MixMIMEncoder
+from .encoder import MixMIMEncoder, encoder_layer_id
 
 
 class MixMIMClassifier(nn.Module):
@@ -50,18 +49,14 @@ class MixMIMClassifier(nn.Module):
     def group_matcher(self, coarse: bool = False):
         """Depth of each parameter for layer-wise lr decay (timm's ``param_groups_layer_decay``).
 
-        The patch embedding is depth 0 and every block has its own depth in order; a
-        patch merging shares the depth of the block before it (in the original model it
-        closes the previous stage); the final norm and the head come last.
+        Encoder depths follow :func:`~mixmim.models.encoder.encoder_layer_id` (patch
+        embedding 0, one depth per block, a patch merging with the block it feeds, as the
+        authors' ``util/lr_decay.py``); the final norm and the head come last.
         """
+        depths = [len(stage.blocks) for stage in self.encoder.stages]
+
         def ordinal(name: str) -> tuple[float, ...]:
-            parts = name.split(".")
-            if name.startswith("encoder.patch_embed."):
-                return (0,)
-            if name.startswith("encoder.stages.") and parts[3] == "blocks":
-                return (1, int(parts[2]), int(parts[4]))
-            if name.startswith("encoder.stages.") and parts[3] == "merge":
-                return (1, int(parts[2]) - 1, float("inf"), MATCH_PREV_GROUP[0])
-            return (float("inf"),)  # final norm, probe norm, head
+            layer = encoder_layer_id(name[len("encoder."):], depths) if name.startswith("encoder.") else None
+            return (float("inf"),) if layer is None else (layer,)  # None: final norm, probe norm, head
 
         return ordinal

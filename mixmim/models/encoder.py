@@ -47,6 +47,39 @@ def _per_block(window: int | Sequence[int], depth: int, stage: int) -> list[int]
     return sizes
 
 
+def encoder_layer_id(name: str, depths: Sequence[int]) -> int | None:
+    """Layer-decay depth of an encoder parameter (``name`` relative to the encoder), the one
+    rule of this suite for classification finetuning and for the dense backbones.
+
+    The patch embedding is depth 0 and block ``k`` of the flattened block list is depth
+    ``k + 1``; a patch merging has the depth of the block it feeds (the first block of its
+    stage). Anything else (the final norm) returns None: the caller puts it after the
+    deepest block.
+
+    Why the merging joins the block it feeds: the authors' ``util/lr_decay.py``
+    (``get_layer_id_for_mixmim``, used by their classification finetuning) gives the
+    ``downsample`` of stage ``i``, which sits at the end of stage ``i`` in their model and
+    feeds stage ``i + 1``, the id ``sum(depths[:i + 1]) + 1``, which is the id of the first
+    block of stage ``i + 1``. Here the merging sits at the start of the stage it feeds, so
+    the same parameters get the same depth. The paper (sections 4 and 8) only says it
+    follows BEiT's layer-wise decay and sweeps the rate; it fixes no merging rule.
+    One known difference, kept on purpose: the authors' table gives the final norm and
+    head the depth of the deepest block (scale ``decay ** 1``), whereas here (as in BEiT
+    and MAE) they come after it and train at the full rate.
+    """
+    parts = name.split(".")
+    if parts[0] == "patch_embed":
+        return 0
+    if parts[0] == "stages" and len(parts) > 2:
+        stage = int(parts[1])
+        first = sum(int(d) for d in depths[:stage]) + 1
+        if parts[2] == "blocks":
+            return first + int(parts[3])
+        if parts[2] == "merge":
+            return first
+    return None
+
+
 def upsample_mask(mask: Tensor, grid: Size2, factor: int) -> Tensor:
     """Nearest upsampling of a (1, H*W) row-major mask by an integer factor, to (1, H*f*W*f)."""
     h, w = grid

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -41,7 +40,7 @@ from mixmim.checkpoint import (
     load_file,
     unwrap_state_dict,
 )
-from mixmim.models.encoder import MixMIMEncoder
+from mixmim.models.encoder import MixMIMEncoder, encoder_layer_id
 from mixmim.models.layers import Size2, to_2tuple
 from mixmim.models.registry import MODEL_SIZES
 
@@ -144,16 +143,15 @@ class MixMIMBackbone(nn.Module):
     def layer_id(self, name: str) -> int:
         """Layer-decay depth of a parameter name relative to this module.
 
-        Patch embedding 0; block k of the flattened block list k + 1; a patch merging
-        shares the id of the block it feeds; output norms the last id.
+        Encoder parameters follow the classifier's rule,
+        :func:`~mixmim.models.encoder.encoder_layer_id` (patch embedding 0, block ``k`` of
+        the flattened list ``k + 1``, a patch merging with the block it feeds, as the
+        authors' ``util/lr_decay.py``); the output norms take the last id.
         """
-        if name.startswith("encoder.patch_embed."):
-            return 0
-        match = re.match(r"^encoder\.stages\.(\d+)\.(blocks\.(\d+)|merge)\.", name)
-        if match:
-            stage = int(match[1])
-            block = int(match[3]) if match[3] is not None else 0
-            return sum(self.depths[:stage]) + block + 1
+        if name.startswith("encoder."):
+            layer = encoder_layer_id(name[len("encoder."):], self.depths)
+            if layer is not None:
+                return layer
         if name.startswith(("norms.", "encoder.norm.")):
             return self.num_layers - 1
         raise ValueError(f"no layer id for backbone parameter {name!r}; expected encoder or output-norm parameters")

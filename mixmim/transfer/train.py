@@ -1,18 +1,22 @@
 """Dense-transfer training engines: Mask R-CNN on COCO and UperNet on ADE20K (Table 4, section 8).
 
-Built like :mod:`mixmim.engine.finetune`: one process or many under torchrun, seeded
-data (every item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler,
-the generic :class:`~mixmim.engine.loop.Loop` (precision, accumulation, clipping,
-atomic checkpoints, resume), MLflow through :func:`~mixmim.engine.runner.open_tracker`,
-final weights written atomically with the run reference beside them.
+The same skeleton as :mod:`mixmim.engine.pretrain` and :mod:`mixmim.engine.finetune`
+(:mod:`mixmim.engine.runner`): one process or many under torchrun, seeded data (every
+item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler, the loop of
+:func:`~mixmim.engine.runner.build_loop` (precision, accumulation, clipping, atomic
+checkpoints, exact resume), MLflow through :func:`~mixmim.engine.runner.open_tracker`,
+periodic evaluation through :func:`~mixmim.engine.runner.periodic`, final weights and
+the run reference through :func:`~mixmim.engine.runner.save_final`; collectives from
+:mod:`mixmim.engine.distributed`.
 
 What is specific to dense transfer:
 
 * **Optimiser.** AdamW over the layer-decay groups of
   :func:`mixmim.transfer.backbone.param_groups_layer_decay` (neck and heads at the
-  full lr). Each group carries ``lr_scale``; :class:`DenseSchedule` sets every group's
-  lr to ``schedule(t) * lr_scale`` at each optimiser step (warmup, then step / poly /
-  cosine).
+  full lr; the same depth rule as classification finetuning). Each group carries
+  ``lr_scale``; timm's scheduler (:func:`mixmim.engine.optim.build_schedule`: warmup,
+  then step / poly / cosine) sets every group's lr to ``schedule(t) * lr_scale`` at
+  each optimiser step.
 * **ADE20K runs in iterations.** The training split is viewed as a
   :class:`RepeatDataset` of ``iters_per_epoch * batch_size`` items, so one loop
   "epoch" is exactly ``iters_per_epoch`` optimiser steps and ``max_iters /
@@ -36,23 +40,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from timm.scheduler.scheduler import Scheduler
 
-from ..checkpoint import save_atomic
 from ..engine.config import ConfigError, to_dict
-from ..engine.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from ..engine.loop import Loop, autocast_dtype
-from ..engine.pretrain import RUN_REF
+from ..engine.distributed import (
+    DistInfo, all_gather_object, all_reduce_sum, broadcast_object, cleanup, init_distributed,
+)
+from ..engine.loop import autocast_dtype
+from ..engine.optim import build_schedule
 from ..engine.runner import (
-    TrainData, open_tracker, output_dir, per_rank_seed, run_params, seed_everything, train_data, wrap_model,
+    TrainData, build_loop, init_tags, open_tracker, output_dir, per_rank_seed, periodic, run_params, save_final,
+    seed_everything, train_data, wrap_model,
 )
 from ..models.registry import MODEL_SIZES
 from ..io import write_text_atomic
-from ..tracking import PRETRAIN_RUN_TAG, Tracker, read_run_ref, write_run_ref
+from ..tracking import Tracker
 from .backbone import MixMIMBackbone, build_backbone, detection_window_sizes, param_groups_layer_decay
 from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
 from .data import (
@@ -76,7 +82,7 @@ from .segmentation import (
 )
 
 __all__ = [
-    "DETECTOR_WEIGHTS", "SEGMENTOR_WEIGHTS", "PER_CLASS_FILE", "DenseSchedule", "RepeatDataset",
+    "DETECTOR_WEIGHTS", "SEGMENTOR_WEIGHTS", "PER_CLASS_FILE", "RepeatDataset", "build_dense_schedule",
     "ade20k_class_names", "build_dense_backbone", "build_detector", "build_segmentor", "collate_detection_batch",
     "collate_segmentation_batch", "evaluate_detection", "evaluate_ade20k", "majority_class_baseline",
     "train_detection", "train_segmentation",
@@ -98,55 +104,26 @@ COCO_KEYS = {"ap_box": "AP_box", "ap50_box": "AP50_box", "ap75_box": "AP75_box",
 # --------------------------------------------------------------------------- #
 # Schedule
 # --------------------------------------------------------------------------- #
-class DenseSchedule:
-    """Per-iteration lr: a linear warmup from ``warmup_factor * lr``, times the main schedule.
+def build_dense_schedule(optimizer: torch.optim.Optimizer, cfg: DenseConfig, total_steps: int,
+                         warmup_steps: int) -> Scheduler:
+    """timm's schedule of ``cfg.schedule`` over ``total_steps`` optimiser steps: a linear warmup
+    from ``warmup_factor * lr``, step milestones at the ``lr_steps`` fractions of the run
+    (ViTDet's 10x drops), poly to ``min_lr`` with ``poly_power`` (BEiT's mmcv policy), or cosine."""
+    return build_schedule(optimizer, cfg.schedule, total_steps, warmup_steps, cfg.warmup_factor * cfg.lr,
+                          lr_milestones(cfg, total_steps), power=cfg.poly_power, min_lr=cfg.min_lr)
 
-    ``step``: ``lr * 0.1 ** (milestones passed)`` (ViTDet/detectron2: the warmup factor
-    multiplies the step value). ``poly``: ``(lr - min_lr) * (1 - t / T) ** power + min_lr``
-    over the whole run, the warmup multiplying it (mmcv's poly policy, as BEiT uses).
-    ``cosine``: from ``lr`` to ``min_lr`` over the whole run. Every group's lr is the
-    value times its ``lr_scale`` (layer decay). ``step_update(num_updates)`` as timm's
-    schedulers, which is all the engine's loop calls.
-    """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int,
-                 kind: str = "step", warmup_factor: float = 0.001, milestones: Sequence[int] = (),
-                 gamma: float = 0.1, power: float = 1.0, min_lr: float = 0.0) -> None:
-        if kind not in ("step", "poly", "cosine"):
-            raise ValueError(f"schedule {kind!r}; expected step, poly or cosine")
-        self.optimizer = optimizer
-        self.lr, self.total, self.warmup = lr, max(int(total_steps), 1), max(int(warmup_steps), 0)
-        self.kind, self.warmup_factor, self.milestones = kind, warmup_factor, sorted(int(m) for m in milestones)
-        self.gamma, self.power, self.min_lr = gamma, power, min_lr
-        self.step_update(0)
-
-    def value(self, t: int) -> float:
-        """The lr (before ``lr_scale``) for the step after ``t`` optimiser updates."""
-        t = min(max(int(t), 0), self.total)
-        if self.kind == "step":
-            value = self.lr * self.gamma ** sum(t >= m for m in self.milestones)
-        elif self.kind == "poly":
-            value = (self.lr - self.min_lr) * (1 - t / self.total) ** self.power + self.min_lr
-        else:
-            value = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t / self.total))
-        if t < self.warmup:
-            value *= self.warmup_factor + (1 - self.warmup_factor) * t / self.warmup
-        return value
-
-    def step_update(self, num_updates: int, metric: float | None = None) -> None:
-        value = self.value(num_updates)
-        for group in self.optimizer.param_groups:
-            group["lr"] = value * group.get("lr_scale", 1.0)
-
-    def state_dict(self) -> dict[str, Any]:  # stateless: the loop passes the step count
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+def lr_milestones(cfg: DenseConfig, total_steps: int) -> list[int]:
+    """The optimiser steps at which a step schedule drops the lr (``lr_steps`` fractions of the run)."""
+    return [round(f * total_steps) for f in cfg.lr_steps]
 
 
 def build_optimizer(model: nn.Module, cfg: DenseConfig, prefix: str) -> torch.optim.AdamW:
+    """AdamW over the layer-decay groups; every group holds the base lr, because timm's
+    scheduler multiplies it by the group's ``lr_scale`` at each step (as for finetuning)."""
     groups = param_groups_layer_decay(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, backbone_prefix=prefix)
+    for group in groups:
+        group["lr"] = cfg.lr
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -201,14 +178,7 @@ def per_process_batch(cfg: DenseConfig, info: DistInfo) -> int:
 def dense_train_data(dataset: Dataset, cfg: DenseConfig, info: DistInfo,
                      collate: Callable[[list[Any]], Any]) -> TrainData:
     """The engine's seeded dataset, resumable sampler and epoch length, with a dense collate."""
-    batch = per_process_batch(cfg, info)
-    data = train_data(dataset, cfg, batch, info)
-    data.loader = DataLoader(
-        data.dataset, batch_size=batch, sampler=data.sampler, num_workers=cfg.num_workers, collate_fn=collate,
-        pin_memory=info.device.type == "cuda", drop_last=True, generator=torch.Generator().manual_seed(0),
-        persistent_workers=False,
-    )
-    return data
+    return train_data(dataset, cfg, per_process_batch(cfg, info), info, collate_fn=collate)
 
 
 # --------------------------------------------------------------------------- #
@@ -281,22 +251,6 @@ def _shard(count: int, info: DistInfo) -> range:
     return range(info.rank, count, info.world_size)
 
 
-def _gather(obj: Any, info: DistInfo) -> list[Any]:
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any, info: DistInfo) -> Any:
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _autocast(precision: str, device: torch.device) -> Any:
     dtype = autocast_dtype(precision, device)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -328,7 +282,7 @@ def evaluate_detection(model: nn.Module, dataset: CocoInstanceDataset, info: Dis
             bbox += b
             segm += s
             ids.append(target["image_id"])
-    gathered = _gather((bbox, segm, ids), info)
+    gathered = all_gather_object((bbox, segm, ids), info)
     metrics = None
     if info.is_main:
         all_bbox = [r for part in gathered for r in part[0]]
@@ -340,7 +294,7 @@ def evaluate_detection(model: nn.Module, dataset: CocoInstanceDataset, info: Dis
         if per_image is not None:
             metrics["records"] = per_image
     model.train(was_training)
-    return _broadcast(metrics, info)
+    return broadcast_object(metrics, info)
 
 
 def _predict_segmentation(model: nn.Module, image: Tensor, size: tuple[int, int], cfg: SegmentationConfig,
@@ -382,7 +336,7 @@ def evaluate_ade20k(model: UperNetSegmentor, dataset: ADE20KDataset, cfg: Segmen
     scores = segmentation_scores(confusion, class_names)
     scores["num_images"] = count
     if records:
-        merged = {i: c for part in _gather(counts, info) for i, c in part.items()}
+        merged = {i: c for part in all_gather_object(counts, info) for i, c in part.items()}
         scores["intersection"] = [merged[i][0] for i in range(count)]
         scores["union"] = [merged[i][1] for i in range(count)]
     return scores
@@ -474,42 +428,13 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _tags(cfg: DenseConfig, stage: str, dataset: str) -> dict[str, str]:
-    tags = {"mixmim.stage": stage, "mixmim.model": cfg.model, "mixmim.dataset": dataset,
-            "mixmim.init": cfg.init or "scratch"}
-    if cfg.init and (Path(cfg.init).parent / RUN_REF).is_file():
-        try:
-            tags[PRETRAIN_RUN_TAG] = read_run_ref(Path(cfg.init).parent / RUN_REF)["run_id"]
-        except ValueError as err:
-            logger.warning("ignoring the run reference beside %s: %s", cfg.init, err)
-    return tags
-
-
-def _periodic(evaluate: Callable[[nn.Module], dict[str, float]], every: int, epochs: int,
-              done: Callable[[], int]) -> Callable[[nn.Module], dict[str, float]] | None:
-    """Evaluate at every ``every``-th epoch except the last (the final evaluation covers it)."""
-    if every <= 0:
-        return None
-
-    def run(model: nn.Module) -> dict[str, float]:
-        epoch = done() + 1
-        return evaluate(model) if epoch % every == 0 and epoch < epochs else {}
-
-    return run
-
-
 def _make_loop(cfg: DenseConfig, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: DenseSchedule, data: TrainData, loss_fn: Callable[[nn.Module, Any], Tensor], epochs: int,
-               info: DistInfo, out: Path, tracker: Any,
-               evaluate: Callable[[nn.Module], dict[str, float]] | None) -> Loop:
-    loop = Loop(model=model, train_model=train_model, optimizer=optimizer,
-                scheduler=scheduler,  # type: ignore[arg-type]  # duck-typed: the loop only calls step_update
-                loader=data.loader, sampler=data.sampler, dataset=data.dataset, loss_fn=loss_fn, epochs=epochs,
-                batches_per_epoch=data.batches_per_epoch, info=info, output_dir=out, config=to_dict(cfg),
-                tracker=tracker, precision=cfg.precision, accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad,
-                ckpt_every_steps=cfg.ckpt_every_steps, log_every_steps=cfg.log_every_steps,
-                channels_last=cfg.channels_last, progress=cfg.progress, resume=cfg.resume)
-    loop.evaluate = _periodic(evaluate, cfg.eval_every, epochs, lambda: len(loop.history)) if evaluate else None
+               scheduler: Scheduler, data: TrainData, loss_fn: Callable[[nn.Module, Any], Tensor], epochs: int,
+               info: DistInfo, out: Path, tracker: Any, evaluate: Callable[[nn.Module], dict[str, float]]) -> Any:
+    """The engines' loop, evaluating every ``eval_every``-th epoch but the last."""
+    loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                      data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=epochs,
+                      evaluate=periodic(evaluate, cfg.eval_every, epochs, lambda: loop))
     return loop
 
 
@@ -533,9 +458,8 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
         optimizer = build_optimizer(model, cfg, DETECTION_BACKBONE_PREFIX)
         total = data.steps_per_epoch * cfg.epochs
         warmup = round(cfg.warmup_epochs * data.steps_per_epoch)
-        milestones = [round(f * total) for f in cfg.lr_steps]
-        scheduler = DenseSchedule(optimizer, cfg.lr, total, warmup, cfg.schedule, cfg.warmup_factor, milestones,
-                                  power=cfg.poly_power, min_lr=cfg.min_lr)
+        milestones = lr_milestones(cfg, total)
+        scheduler = build_dense_schedule(optimizer, cfg, total, warmup)
         train_model = wrap_model(model, cfg, info)
 
         def loss_fn(m: nn.Module, batch: list[Any]) -> Tensor:
@@ -549,7 +473,7 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
         def evaluate_record(m: nn.Module) -> dict[str, float]:
             return _finite(evaluate(m))  # history rows: scores only (NaN = no ground truth in that range)
 
-        with open_tracker(cfg, info, "coco", _tags(cfg, "coco", "coco")) as tracker:
+        with open_tracker(cfg, info, "coco", init_tags(cfg, "coco", "coco")) as tracker:
             derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
                        "steps_per_epoch": data.steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
                        "lr_milestones": milestones, "num_classes": train_set.num_classes,
@@ -568,10 +492,8 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
             tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
             if history:
                 history[-1].update(_finite(final))
-            if info.is_main:
-                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_coco_mask_rcnn",
-                             "num_classes": train_set.num_classes}, out / DETECTOR_WEIGHTS)
-                write_run_ref(out / RUN_REF, tracker)
+            save_final(model, cfg, out / DETECTOR_WEIGHTS, "mixmim_coco_mask_rcnn", tracker, info,
+                       num_classes=train_set.num_classes)
             return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS),
                     "records": per_image, "n_val": len(per_image["box"]) if per_image else None,
                     "model_params_m": complexity.params_m, "model_gflops": complexity.gflops}
@@ -606,9 +528,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
         data = dense_train_data(period, cfg, info, collate_segmentation_batch)
         optimizer = build_optimizer(model, cfg, SEGMENTATION_BACKBONE_PREFIX)
         total = data.steps_per_epoch * epochs
-        milestones = [round(f * total) for f in cfg.lr_steps]
-        scheduler = DenseSchedule(optimizer, cfg.lr, total, cfg.warmup_iters, cfg.schedule, cfg.warmup_factor,
-                                  milestones, power=cfg.poly_power, min_lr=cfg.min_lr)
+        scheduler = build_dense_schedule(optimizer, cfg, total, cfg.warmup_iters)
         train_model = wrap_model(_SegmentationLoss(model), cfg, info)
 
         def loss_fn(m: nn.Module, batch: list[Tensor]) -> Tensor:
@@ -618,7 +538,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             scores = evaluate_ade20k(m, val_set, cfg, info)  # type: ignore[arg-type]
             return {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"]}
 
-        with open_tracker(cfg, info, "ade20k", _tags(cfg, "ade20k", "ade20k"), epochs=epochs) as tracker:
+        with open_tracker(cfg, info, "ade20k", init_tags(cfg, "ade20k", "ade20k"), epochs=epochs) as tracker:
             derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
                        "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
                        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
@@ -634,7 +554,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             if info.is_main:
                 baseline = majority_class_baseline(label_histogram(train_set, num_classes, cfg.num_workers),
                                                    label_histogram(val_set, num_classes, cfg.num_workers))
-            baseline = _broadcast(baseline, info)
+            baseline = broadcast_object(baseline, info)
             final = {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"],
                      "baseline_miou": baseline["miou"], "baseline_pixel_acc": baseline["pixel_acc"]}
             per_class = {"iou": scores["IoU"], "acc": scores["Acc"], "majority_class": class_names[baseline["class"]],
@@ -646,9 +566,8 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                 history[-1].update({k: final[k] for k in ("miou", "pixel_acc", "macc")})
             if info.is_main:
                 write_text_atomic(out / PER_CLASS_FILE, json.dumps(_json_safe(per_class), indent=2) + "\n")
-                save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "kind": "mixmim_ade20k_upernet",
-                             "num_classes": num_classes, "class_names": class_names}, out / SEGMENTOR_WEIGHTS)
-                write_run_ref(out / RUN_REF, tracker)
+            save_final(model, cfg, out / SEGMENTOR_WEIGHTS, "mixmim_ade20k_upernet", tracker, info,
+                       num_classes=num_classes, class_names=class_names)
             return {"history": history, **final, "per_class_iou": scores["IoU"], "majority_class": baseline["class"],
                     "run_id": tracker.run_id, "weights": str(out / SEGMENTOR_WEIGHTS), "n_val": scores["num_images"],
                     "model_params_m": complexity.params_m, "model_gflops": complexity.gflops,
