@@ -16,7 +16,7 @@ from ..checkpoint import (
 from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
 from ..models.registry import default_img_size, model_family
 from ..models.adapters import create_timm_model
-from .config import ConfigError, FinetuneConfig, to_dict
+from .config import ConfigError, FinetuneConfig
 from .data import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
 )
@@ -24,8 +24,8 @@ from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import (
-    build_loop, init_tags, open_tracker, output_dir, per_rank_seed, periodic, run_params, save_final, seed_everything,
-    train_data, wrap_model,
+    build_loop, init_tags, log_run_config, open_tracker, output_dir, per_rank_seed, periodic, save_final,
+    seed_everything, train_data, wrap_model,
 )
 
 FINETUNE_WEIGHTS = "finetune.pt"
@@ -217,8 +217,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                        "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
                        "num_classes": num_classes, "train_images": len(train_set),
                        "val_images": len(val_set)}
-            tracker.log_params(run_params(cfg, derived))
-            tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_run_config(tracker, cfg, derived)
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
                               evaluate=periodic_evaluate)

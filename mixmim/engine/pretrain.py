@@ -8,14 +8,14 @@ import torch
 
 from ..models import build_pretrainer
 from ..models.registry import TIMM_DEFAULT_IMG_SIZE, model_family
-from .config import PretrainConfig, to_dict
+from .config import PretrainConfig
 from .data import classification_split, pretrain_transform
 from .distributed import cleanup, init_distributed
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import RUN_REF  # noqa: F401  (re-exported: the run reference's file name)
 from .runner import (
-    build_loop, open_tracker, output_dir, per_rank_seed, run_params, save_final, seed_everything,
-    train_data, wrap_model,
+    build_loop, log_run_config, open_tracker, output_dir, per_rank_seed, save_final, seed_everything, train_data,
+    wrap_model,
 )
 
 PRETRAIN_WEIGHTS = "pretrain.pt"
@@ -143,8 +143,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
                        "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
                        "train_images": len(dataset)}
-            tracker.log_params(run_params(cfg, derived))
-            tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_run_config(tracker, cfg, derived)
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
                               evaluate=evaluate if knn is not None else None)

@@ -171,6 +171,13 @@ def run_params(cfg: RuntimeConfig, derived: dict[str, Any]) -> dict[str, Any]:
     return {**to_dict(cfg), **{f"derived.{k}": v for k, v in derived.items()}}
 
 
+def log_run_config(tracker: Tracker, cfg: RuntimeConfig, derived: dict[str, Any]) -> None:
+    """A run's start in MLflow: the config and ``derived`` values (lr, steps, sizes) as params,
+    the config as ``config.yaml``."""
+    tracker.log_params(run_params(cfg, derived))
+    tracker.log_dict(to_dict(cfg), "config.yaml")
+
+
 def output_dir(cfg: RuntimeConfig) -> Path:
     path = Path(cfg.output_dir)
     path.mkdir(parents=True, exist_ok=True)

@@ -46,14 +46,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from timm.scheduler.scheduler import Scheduler
 
-from ..engine.config import ConfigError, to_dict
+from ..engine.config import ConfigError
 from ..engine.distributed import (
     DistInfo, all_gather_object, all_reduce_sum, broadcast_object, cleanup, init_distributed,
 )
 from ..engine.loop import autocast_dtype
 from ..engine.optim import build_schedule
 from ..engine.runner import (
-    TrainData, build_loop, init_tags, open_tracker, output_dir, per_rank_seed, periodic, run_params, save_final,
+    TrainData, build_loop, init_tags, log_run_config, open_tracker, output_dir, per_rank_seed, periodic, save_final,
     seed_everything, train_data, wrap_model,
 )
 from ..models.registry import MODEL_SIZES
@@ -478,8 +478,7 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
                        "steps_per_epoch": data.steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
                        "lr_milestones": milestones, "num_classes": train_set.num_classes,
                        "train_images": len(train_set), "val_images": len(val_set)}
-            tracker.log_params(run_params(cfg, derived))
-            tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_run_config(tracker, cfg, derived)
             complexity = dense_complexity(cfg, train_set.num_classes)
             log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
@@ -542,8 +541,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
                        "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
                        "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
-            tracker.log_params(run_params(cfg, derived))
-            tracker.log_dict(to_dict(cfg), "config.yaml")
+            log_run_config(tracker, cfg, derived)
             complexity = dense_complexity(cfg, num_classes)
             log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
