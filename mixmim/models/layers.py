@@ -346,7 +346,7 @@ def reorder_tokens(x: Tensor, current: Tensor | None, target: Tensor | None) -> 
     (orders list row-major positions; None is row-major)."""
     if current is None and target is None:
         return x
-    if current is not None and target is not None and torch.equal(current, target):
+    if current is not None and target is not None and not current.is_meta and torch.equal(current, target):
         return x
     n = x.shape[1]
     ar = torch.arange(n, device=x.device)
