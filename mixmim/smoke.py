@@ -19,7 +19,8 @@ Which stages run: every stage that is not a ``foreach``/``matrix`` entry, and of
 ``foreach`` group the first ``sample`` entries (a stage's upstream stages run with it, as in
 any ``dvc repro`` of a target). An overlay may carry a ``smoke:`` section, read here and
 never merged into the params: ``{full: true}`` runs every stage, ``{sample: N}`` changes N
-(default 1), ``{include: [stage@key, ...]}`` adds entries. The entries left out share their
+(default 1), ``{include: [stage@key, ...]}`` adds entries, ``{single_item: true}`` runs the
+targets without their upstream stages (the report, whose deps are the other pipelines' results). The entries left out share their
 stage's command, code and hand-offs with the ones that run and differ only in params, which
 the suite's params tests check. A pipeline passes when ``mixmim pipeline -- dvc repro
 <targets>`` exits 0 and ``dvc status`` then reports every target up to date (each ran and
@@ -84,6 +85,7 @@ class SmokeSettings:
     full: bool = False
     sample: int = 1
     include: tuple[str, ...] = ()
+    single_item: bool = False  # dvc repro --single-item: upstream stages of other pipelines are not run
 
 
 @dataclass
@@ -142,16 +144,18 @@ def read_overlay(path: Path) -> tuple[dict[str, Any], SmokeSettings]:
     data = _read_yaml(path)
     raw = data.pop(SMOKE_KEY, None) or {}
     where = f"{path}: {SMOKE_KEY}"
-    if not isinstance(raw, Mapping) or set(raw) - {"full", "sample", "include"}:
-        raise ConfigError(f"{where}={raw!r}: expected a mapping with keys full, sample, include")
+    if not isinstance(raw, Mapping) or set(raw) - {"full", "sample", "include", "single_item"}:
+        raise ConfigError(f"{where}={raw!r}: expected a mapping with keys full, sample, include, single_item")
     full, sample, include = raw.get("full", False), raw.get("sample", 1), raw.get("include", [])
-    if not isinstance(full, bool):
-        raise ConfigError(f"{where}.full={full!r}: expected true or false")
+    single_item = raw.get("single_item", False)
+    for key, value in (("full", full), ("single_item", single_item)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r}: expected true or false")
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
         raise ConfigError(f"{where}.sample={sample!r}: expected an integer of at least 1")
     if not isinstance(include, list) or not all(isinstance(n, str) for n in include):
         raise ConfigError(f"{where}.include={include!r}: expected a list of stage names (stage@key)")
-    settings = SmokeSettings(full, sample, tuple(include))
+    settings = SmokeSettings(full, sample, tuple(include), single_item)
     return data, settings
 
 
@@ -209,7 +213,10 @@ def _source_files(root: Path) -> list[str]:
 
 
 def make_copy(dest: Path, root: Path = REPO, pipelines: Sequence[Pipeline] | None = None) -> Path:
-    """Copy the working tree to ``dest``, drop every dvc.lock, apply the smoke overlays, set DVC to no-SCM."""
+    """Copy the working tree to ``dest`` (absent or empty: never mixed with an earlier run's results), drop
+    every dvc.lock, apply the smoke overlays, set DVC to no-SCM."""
+    if dest.exists() and any(dest.iterdir()):
+        raise ConfigError(f"smoke copy {dest} is not empty; expected a new or empty folder")
     dest.mkdir(parents=True, exist_ok=True)
     for name in _source_files(root):
         if Path(name).name == "dvc.lock":
@@ -268,7 +275,8 @@ def run_pipeline(copy_root: Path, pipeline: Pipeline, bin_dir: Path) -> SmokeRes
     targets = [f"{pipeline.dvc_yaml}:{name}" for name in select_targets(stages, settings, pipeline.overlay)]
     start = time.perf_counter()
     _run([str(bin_dir / "mixmim"), "pipeline", "--params", pipeline.params, "--",
-          str(bin_dir / "dvc"), "repro", *targets], copy_root, env, log)
+          str(bin_dir / "dvc"), "repro", *(["--single-item"] if settings.single_item else []), *targets],
+         copy_root, env, log)
     seconds = time.perf_counter() - start
     status = subprocess.run([str(bin_dir / "dvc"), "status", "--json", *targets], cwd=copy_root,
                             capture_output=True, text=True, env=env, timeout=300)

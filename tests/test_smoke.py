@@ -42,9 +42,10 @@ def test_read_overlay_splits_off_runner_settings(tmp_path):
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump({"smoke": {"sample": 2, "include": ["a@x"]}, "pretrain": {"epochs": 1}}))
     overlay, settings = read_overlay(path)
-    assert overlay == {"pretrain": {"epochs": 1}} and settings == SmokeSettings(False, 2, ("a@x",))
+    assert overlay == {"pretrain": {"epochs": 1}} and settings == SmokeSettings(False, 2, ("a@x",), False)
     for bad, match in (({"sample": 0}, "at least 1"), ({"full": "yes"}, "true or false"),
-                       ({"every": True}, "keys full, sample, include"), ({"include": "a@x"}, "list of stage")):
+                       ({"every": True}, "keys full, sample, include"), ({"include": "a@x"}, "list of stage"),
+                       ({"single_item": 1}, "true or false")):
         path.write_text(yaml.safe_dump({"smoke": bad}))
         with pytest.raises(ConfigError, match=match):
             read_overlay(path)
@@ -87,6 +88,8 @@ def test_smoke_copies_have_exactly_the_pipelines_stages(tmp_path):
     """The overlay changes values only: DVC expands the same stages from the smoke params."""
     copy = make_copy(tmp_path / "copy", REPO)
     assert not list(copy.rglob("dvc.lock")) and not (copy / ".git").exists()
+    with pytest.raises(ConfigError, match="not empty"):
+        make_copy(copy, REPO)
     for p in discover_pipelines(REPO):
         assert _stage_names(copy, p.dvc_yaml) == _stage_names(REPO, p.dvc_yaml), p.name
         smoke_params = yaml.safe_load((copy / p.params).read_text())
