@@ -7,7 +7,9 @@ the same optimizer and inputs for both sides. The two sides alternate round by r
 one process so that machine noise hits both alike; the speed-up is the median over rounds
 of (original's step time / ours), with a 95% bootstrap interval of that median.
 
-``--precision bf16`` runs both sides under ``torch.autocast("cpu", torch.bfloat16)``.
+``--cpu-time`` times steps by process CPU time instead of wall time: with one thread
+(``OMP_NUM_THREADS=1``) that is the work each side does, unaffected by other jobs on a
+shared machine. ``--precision bf16`` runs both sides under ``torch.autocast("cpu", torch.bfloat16)``.
 ``--memory`` also runs each side alone in a fresh process and reports its peak resident
 memory (two steps), since one process cannot separate the two sides' peaks.
 
@@ -57,18 +59,18 @@ def build_sides(original, name: str):
     return {"ours": (ours, lambda m, x: m(x).loss), "original": (theirs, lambda m, x: m(x, mask_ratio=0.5)[0])}
 
 
-def make_step(model, loss_of, x, precision: str):
+def make_step(model, loss_of, x, precision: str, clock=time.perf_counter):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step() -> float:
-        t = time.perf_counter()
+        t = clock()
         with ctx:
             loss = loss_of(model, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        return clock() - t
 
     return step
 
@@ -109,6 +111,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--memory", action="store_true", help="also peak RSS of each side alone")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps by the process's CPU time (meaningful with one thread: "
+                             "OMP_NUM_THREADS=1), which other load on a shared machine does not inflate")
     parser.add_argument("--only", choices=["ours", "original"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.batch < 1:
@@ -125,7 +130,8 @@ def main() -> None:
         step()
         print(json.dumps({"side": args.only, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
-    steps = {k: make_step(m, f, x, args.precision) for k, (m, f) in sides.items()}
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    steps = {k: make_step(m, f, x, args.precision, clock) for k, (m, f) in sides.items()}
     for s in steps.values():  # warm-up round, not timed
         s()
     times = {k: [] for k in steps}
@@ -136,7 +142,8 @@ def main() -> None:
     ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
     lo, hi = bootstrap_median_ci(ratios)
     print(f"machine: {machine()}")
-    print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up)")
+    print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up), "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     print("step seconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
