@@ -116,9 +116,9 @@ class FinetuneConfig(RuntimeConfig):
     cutmix: float = 1.0
     label_smoothing: float = 0.1
     crop_pct: float = 0.875
-
-
     eval_every: int = 1  # evaluate after every N-th epoch (0: only the final evaluation); the last is always evaluated
+
+
 # --------------------------------------------------------------------------- #
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
