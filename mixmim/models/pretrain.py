@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .encoder import MixMIMEncoder, upsample_mask
+from .encoder import MixMIMEncoder
 from .layers import Size2, init_transformer_weights, sincos_pos_embed_2d, use_fast_linears
 from .masking import check_mask, check_mask_settings, sample_mask
 
@@ -199,8 +199,106 @@ class MixMIMDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class MixMIMPretrainer(nn.Module):
-    """Encoder + decoder trained by reconstructing the images behind a mixed input."""
+class PretrainerBase(nn.Module):
+    """What every MixMIM pretrainer shares, whatever its encoder.
+
+    The mask (sampled or given, checked against the mixing grid), the Eq. (1) mix, the
+    decoder, the reconstruction loss (Eq. 2, dual or single), the forward pass and the
+    weight-decay exclusions. A subclass builds its encoder, then calls
+    :meth:`_build_decoder` with the encoder's mixing grid, stride and width, and
+    implements :meth:`forward_encoder` (images and mask -> the latent the decoder reads).
+    ``mask`` is (1, gh*gw), shared by the batch; 1 marks the cells filled from elsewhere
+    (for ``fill="mix"``: taken from the partner image B-1-i).
+    """
+
+    def __init__(self, in_chans: int, mask_ratio: float, range_mask_ratio: float, mask_type: str,
+                 dual: bool, norm_pix_loss: bool) -> None:
+        super().__init__()
+        check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.range_mask_ratio = range_mask_ratio
+        self.mask_type = mask_type
+        self.dual = dual
+        self.norm_pix_loss = norm_pix_loss
+
+    def _build_decoder(self, mask_grid: Size2, stride: int, num_features: int, decoder_dim: int,
+                       decoder_depth: int, decoder_num_heads: int, mlp_ratio: float,
+                       mask_token: bool = True) -> None:
+        """Record the encoder's mixing grid and output stride, and build the decoder for them."""
+        self.mask_grid: Size2 = tuple(mask_grid)
+        self.stride = int(stride)
+        self.decoder = MixMIMDecoder(
+            num_features, self.mask_grid, self.stride**2 * self.in_chans, decoder_dim, decoder_depth,
+            decoder_num_heads, mlp_ratio, mask_token=mask_token,
+        )
+
+    # ------------------------------------------------------------------ #
+    @property
+    def num_cells(self) -> int:
+        h, w = self.mask_grid
+        return h * w
+
+    def sample_mask(self, device: torch.device | None = None) -> Tensor:
+        return sample_mask(self.mask_grid, self.mask_type, self.mask_ratio, self.range_mask_ratio, device)
+
+    def resolve_mask(self, mask: Tensor | None, device: torch.device) -> Tensor:
+        """A fresh mask when ``mask`` is None, else ``mask`` checked against the grid."""
+        if mask is None:
+            return self.sample_mask(device)
+        return check_mask(mask, self.num_cells).to(device)
+
+    def cell_map(self, mask: Tensor, factor: int, dtype: torch.dtype) -> Tensor:
+        """The (1, 1, gh*f, gw*f) map of a (1, gh*gw) mask: each cell repeated f x f times."""
+        m = mask.reshape(1, 1, *self.mask_grid).to(dtype)
+        return m.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+    @staticmethod
+    def mix_by_mask(x: Tensor, fill: Tensor, m: Tensor) -> Tensor:
+        """Eq. (1): ``x`` where ``m`` == 0, ``fill`` where ``m`` == 1 (``m`` broadcasts over ``x``)."""
+        return x * (1 - m) + fill * m
+
+    def check_images(self, imgs: Tensor) -> None:
+        """Refuse an input the encoder was not built for (the default accepts any)."""
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decoder_mask(self, mask: Tensor) -> Tensor | None:
+        """The mask the decoder unmixes with (None: it reads every cell as it is)."""
+        return mask
+
+    def loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        return reconstruction_loss(imgs, pred, mask, self.stride, self.dual, self.norm_pix_loss)
+
+    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+        self.check_images(imgs)
+        mask = self.resolve_mask(mask, imgs.device)
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.decoder(latent, self.decoder_mask(mask), self.dual)
+        return PretrainOutput(loss=self.loss(imgs, pred, mask), pred=pred, latent=latent, mask=mask)
+
+    def other_no_weight_decay(self) -> set[str]:
+        """Names kept out of weight decay besides the mask token: the encoder's (prefixed
+        ``encoder.``) and any token the subclass adds."""
+        return set()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names kept out of weight decay besides norms and biases: the decoder's mask token and
+        :meth:`other_no_weight_decay` (the encoder's tables, a subclass's own tokens)."""
+        names = self.other_no_weight_decay()
+        if self.decoder.mask_token is not None:
+            names.add("decoder.mask_token")
+        return names
+
+
+class MixMIMPretrainer(PretrainerBase):
+    """Encoder + decoder trained by reconstructing the images behind a mixed input.
+
+    What differs from :class:`PretrainerBase`: the MixMIM encoder, the fills of Table 6
+    (mixed in at the patch-token level), the unmixing of Table 10, and for the non-mix
+    fills a decoder without mask token that reads every cell.
+    """
 
     def __init__(
         self,
@@ -229,9 +327,8 @@ class MixMIMPretrainer(nn.Module):
         zoom: float = 2.0,
         use_checkpoint: bool = False,
     ) -> None:
-        super().__init__()
         unmix, dual = check_fill_settings(fill, unmix, dual)
-        check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
+        super().__init__(in_chans, mask_ratio, range_mask_ratio, mask_type, dual, norm_pix_loss)
         if zoom <= 1.0:
             raise ValueError(f"zoom={zoom}; expected a zoom-in factor > 1")
         self.encoder = MixMIMEncoder(
@@ -239,20 +336,11 @@ class MixMIMPretrainer(nn.Module):
             qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, use_checkpoint,
         )
         enc = self.encoder
-        self.stride = enc.stride
-        self.in_chans = in_chans
-        self.norm_pix_loss = norm_pix_loss
-        self.mask_ratio = mask_ratio
-        self.range_mask_ratio = range_mask_ratio
-        self.mask_type = mask_type
         self.fill = fill
-        self.dual = dual
         self.unmix = unmix
         self.zoom = zoom
-        self.decoder = MixMIMDecoder(
-            enc.num_features, enc.mask_grid, self.stride**2 * in_chans, decoder_dim, decoder_depth,
-            decoder_num_heads, mlp_ratio, mask_token=fill == "mix",
-        )
+        self._build_decoder(enc.mask_grid, enc.stride, enc.num_features, decoder_dim, decoder_depth,
+                            decoder_num_heads, mlp_ratio, mask_token=fill == "mix")
         self.fill_token = nn.Parameter(torch.zeros(1, 1, enc.dims[0])) if fill == "learnable" else None
         if self.fill_token is not None:
             nn.init.normal_(self.fill_token, std=0.02)
@@ -263,14 +351,6 @@ class MixMIMPretrainer(nn.Module):
                 nn.init.trunc_normal_(p, std=0.02)
 
     # ------------------------------------------------------------------ #
-    @property
-    def num_cells(self) -> int:
-        h, w = self.encoder.mask_grid
-        return h * w
-
-    def sample_mask(self, device: torch.device | None = None) -> Tensor:
-        return sample_mask(self.encoder.mask_grid, self.mask_type, self.mask_ratio, self.range_mask_ratio, device)
-
     def _shuffle_cells(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Each image's masked cells (blocks of tokens) in an independent random order."""
         b, _, c = tokens.shape
@@ -308,32 +388,21 @@ class MixMIMPretrainer(nn.Module):
         """Mix (Eq. 1) at the patch-token level and encode; returns the normed latent."""
         enc = self.encoder
         tokens = enc.embed(imgs)
-        m1 = upsample_mask(mask, enc.mask_grid, 2 ** (enc.num_stages - 1)).reshape(1, -1, 1).to(tokens.dtype)
-        x = tokens * (1 - m1) + self.fill_tokens(imgs, tokens, mask) * m1
+        m1 = self.cell_map(mask, 2 ** (enc.num_stages - 1), tokens.dtype).reshape(1, -1, 1)
+        x = self.mix_by_mask(tokens, self.fill_tokens(imgs, tokens, mask), m1)
         outs = enc.forward_stages(
             x, mask, restrict_attention=self.unmix == "masked_attention",
             mix_embeds=list(self.mix_embed) if self.mix_embed is not None else None,
         )
         return enc.norm(outs[-1])
 
-    def loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        return reconstruction_loss(imgs, pred, mask, self.stride, self.dual, self.norm_pix_loss)
-
-    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> PretrainOutput:
-        if mask is None:
-            mask = self.sample_mask(imgs.device)
-        else:
-            mask = check_mask(mask, self.num_cells).to(imgs.device)
-        latent = self.forward_encoder(imgs, mask)
+    def decoder_mask(self, mask: Tensor) -> Tensor | None:
         # Non-mix fills: the decoder reads the filled cells' outputs too (see the module docstring).
-        pred = self.decoder(latent, mask if self.fill == "mix" else None, self.dual)
-        return PretrainOutput(loss=self.loss(imgs, pred, mask), pred=pred, latent=latent, mask=mask)
+        return mask if self.fill == "mix" else None
 
-    def no_weight_decay(self) -> set[str]:
-        """Names kept out of weight decay besides norms and biases: tables, mask and mix tokens."""
+    def other_no_weight_decay(self) -> set[str]:
+        """The encoder's tables, and the fill and mix tokens."""
         names = {"encoder." + n for n in self.encoder.no_weight_decay()}
-        if self.decoder.mask_token is not None:
-            names.add("decoder.mask_token")
         for n, _ in self.named_parameters():
             if n.startswith(("fill_token", "mix_embed")):
                 names.add(n)

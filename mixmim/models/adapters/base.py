@@ -1,4 +1,7 @@
-"""What every timm adapter shares: the group context, forward swapping, mixing, decoder, loss.
+"""What every timm adapter shares: the group context, forward swapping, the pixel-level mix.
+
+Mask sampling, the decoder, the loss and the forward pass come from
+:class:`~mixmim.models.pretrain.PretrainerBase`, shared with ``MixMIMPretrainer``.
 
 An adapter holds an *unmodified* timm model as ``self.encoder`` (so its state dict is
 the timm model's under the prefix ``encoder.``) and swaps the ``forward`` of a few of
@@ -19,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Size2, to_2tuple
-from ..masking import check_mask, check_mask_settings, sample_mask
-from ..pretrain import MixMIMDecoder, PretrainOutput, reconstruction_loss
+from ..masking import check_mask
+from ..pretrain import PretrainerBase
 
 PAD = -1.0  # group-map value of padding positions: constant content, valid for both groups
 
@@ -99,7 +102,7 @@ def additive_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return bias.masked_fill_(~allowed, float("-inf"))
 
 
-class TimmMixMIMAdapter(nn.Module):
+class TimmMixMIMAdapter(PretrainerBase):
     """MixMIM pretraining (Eq. 1 mixing, group restriction, dual reconstruction) on a timm encoder.
 
     Subclasses install the group restriction in ``__init__`` and implement
@@ -114,6 +117,10 @@ class TimmMixMIMAdapter(nn.Module):
     The non-mix fills of Table 6 (one image encoded whole, every cell decoded; see
     :func:`~mixmim.models.pretrain.check_fill_settings`) exist for the MixMIM encoder
     only, and the engine refuses them for a timm encoder.
+
+    Mask sampling, the decoder, the loss and the forward pass are
+    :class:`~mixmim.models.pretrain.PretrainerBase`'s; what is timm-specific here is the
+    pixel-level mix, the group context and the swapped forwards.
     """
 
     family = "base"
@@ -138,8 +145,7 @@ class TimmMixMIMAdapter(nn.Module):
         decoder_num_heads: int = 16,
         decoder_mlp_ratio: float = 4.0,
     ) -> None:
-        super().__init__()
-        check_mask_settings(mask_type, mask_ratio, range_mask_ratio)
+        super().__init__(in_chans, mask_ratio, range_mask_ratio, mask_type, dual, norm_pix_loss)
         self.img_size = to_2tuple(img_size)
         if self.img_size[0] % stride or self.img_size[1] % stride:
             raise ValueError(
@@ -148,39 +154,20 @@ class TimmMixMIMAdapter(nn.Module):
             )
         self.encoder = encoder
         self.timm_name = timm_name
-        self.stride = int(stride)
         self.num_features = int(num_features)
-        self.in_chans = in_chans
-        self.mask_grid: Size2 = (self.img_size[0] // stride, self.img_size[1] // stride)
-        self.mask_ratio = mask_ratio
-        self.range_mask_ratio = range_mask_ratio
-        self.mask_type = mask_type
-        self.dual = dual
-        self.norm_pix_loss = norm_pix_loss
         self.restrict = restrict
+        self._build_decoder((self.img_size[0] // stride, self.img_size[1] // stride), stride, self.num_features,
+                            decoder_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio)
         self.ctx = GroupContext(self.mask_grid)
-        self.decoder = MixMIMDecoder(
-            self.num_features, self.mask_grid, self.stride**2 * in_chans, decoder_dim, decoder_depth,
-            decoder_num_heads, decoder_mlp_ratio,
-        )
 
     # ------------------------------------------------------------------ #
-    @property
-    def num_cells(self) -> int:
-        return self.mask_grid[0] * self.mask_grid[1]
-
-    def sample_mask(self, device: torch.device | None = None) -> Tensor:
-        return sample_mask(self.mask_grid, self.mask_type, self.mask_ratio, self.range_mask_ratio, device)
-
     def pixel_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """The (1, 1, H, W) pixel map of a (1, L) mask (nearest upsampling by the stride)."""
-        m = mask.reshape(1, 1, *self.mask_grid).to(dtype)
-        return m.repeat_interleave(self.stride, dim=2).repeat_interleave(self.stride, dim=3)
+        return self.cell_map(mask, self.stride, dtype)
 
     def mix(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """Eq. (1) in pixels: image i keeps its cells where mask == 0 and shows image B-1-i's elsewhere."""
-        m = self.pixel_mask(mask, imgs.dtype)
-        return imgs * (1 - m) + imgs.flip(0) * m
+        return self.mix_by_mask(imgs, imgs.flip(0), self.pixel_mask(mask, imgs.dtype))
 
     def check_images(self, imgs: Tensor) -> None:
         if imgs.ndim != 4 or tuple(imgs.shape[-2:]) != self.img_size:
@@ -218,22 +205,13 @@ class TimmMixMIMAdapter(nn.Module):
         mask = check_mask(mask, self.num_cells).to(imgs.device)
         return self.encode(self.mix(imgs, mask), mask)
 
-    def loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        return reconstruction_loss(imgs, pred, mask, self.stride, self.dual, self.norm_pix_loss)
+    def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
+        """Mix (Eq. 1) in pixels and encode with the group restriction."""
+        return self.encode(self.mix(imgs, mask), mask)
 
-    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> PretrainOutput:
-        self.check_images(imgs)
-        if mask is None:
-            mask = self.sample_mask(imgs.device)
-        else:
-            mask = check_mask(mask, self.num_cells).to(imgs.device)
-        latent = self.encode(self.mix(imgs, mask), mask)
-        pred = self.decoder(latent, mask, self.dual)
-        return PretrainOutput(loss=self.loss(imgs, pred, mask), pred=pred, latent=latent, mask=mask)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names kept out of weight decay besides norms and biases: the encoder's own list, the mask token."""
-        names = {"decoder.mask_token"}
+    def other_no_weight_decay(self) -> set[str]:
+        """The timm encoder's own list (its ``no_weight_decay``), as parameter names."""
+        names: set[str] = set()
         own = getattr(self.encoder, "no_weight_decay", None)
         if callable(own):
             keys = set(own())
