@@ -62,7 +62,7 @@ def gpu_hours(gmacs_per_image: float, images: float, tflops: float) -> float:
 def _subset_fraction(class_list: str | None, params_folder: Path) -> float:
     if not class_list:
         return 1.0
-    from .data.datasets import read_class_list
+    from .data.imagenet import read_class_list
 
     path = Path(class_list)
     return len(read_class_list(path if path.is_absolute() else params_folder / path)) / 1000

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mixmim.data import builtin
+from mixmim.data import builtin, draw, imagenet, places
 from mixmim.data.builtin import (
-    ADE_CLASSES,
     DATASETS,
     DEFAULT_ROOTS,
     BuiltinSizes,
@@ -23,6 +22,7 @@ from mixmim.data.builtin import (
     write_inat2018,
     write_places365,
 )
+from mixmim.data.draw import ADE_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = BuiltinSizes(image_size=32, num_classes=3, train_per_class=2, val_per_class=2,
@@ -112,7 +112,7 @@ def test_places205_lists(root: Path) -> None:
         for line in lines:
             m = re.fullmatch(r"(([a-z])/\2[a-z_]*/gsun_[0-9a-f]{32}\.jpg) (\d+)", line)
             assert m, line
-            assert (base / builtin.PLACES205_IMAGE_DIR / m.group(1)).is_file()
+            assert (base / places.PLACES205_IMAGE_DIR / m.group(1)).is_file()
             assert int(m.group(3)) < TINY.num_classes
 
 
@@ -161,7 +161,7 @@ def test_coco_annotations_consistent(root: Path, split: str) -> None:
         # PIL rounds vertices and fills boundary pixels, so it only roughly agrees; the
         # pixel-centre rasteriser used for drawing must match the area tightly.
         assert -4 <= mask.sum() - ann["area"] <= perimeter + 4
-        drawn = builtin.polygon_mask(xy, im["height"], im["width"])
+        drawn = draw.polygon_mask(xy, im["height"], im["width"])
         assert abs(drawn.sum() - ann["area"]) <= 0.25 * perimeter + 2
         assert (drawn & mask).sum() >= 0.6 * (drawn | mask).sum()
         per_image.setdefault(im["id"], []).append(mask)
@@ -190,10 +190,10 @@ def test_coco_polygons_trace_drawn_objects(tmp_path: Path) -> None:
     for ann in data["annotations"]:
         img = _rgb(base / "train2017" / names[ann["image_id"]])
         mask = _pil_mask(ann["segmentation"][0], img.shape[1::-1])
-        core = builtin.erode(mask, 2)
+        core = draw.erode(mask, 2)
         if core.sum() < 20:
             continue
-        ring = builtin.erode(~mask, 1) & ~builtin.erode(~mask, 4)
+        ring = draw.erode(~mask, 1) & ~draw.erode(~mask, 4)
         inside, outside = img[core].mean(0), img[ring].mean(0)
         assert img[core].std(0).max() < 0.06
         assert np.abs(inside - outside).max() > 0.1
@@ -230,7 +230,7 @@ def test_ade20k_labels_follow_painted_regions(tmp_path: Path) -> None:
         labels = np.asarray(Image.open(root / "annotations" / "training" / (path.stem + ".png")))
         step = np.abs(np.diff(img, axis=1)).mean(-1)  # horizontal pixel-to-pixel change
         for cls in np.unique(labels):
-            inner = builtin.erode(labels == cls, 1)
+            inner = draw.erode(labels == cls, 1)
             pixels.setdefault(int(cls), []).append(img[inner])
             roughness.setdefault(int(cls), []).append(float(step[inner[:, 1:] & inner[:, :-1]].mean()))
         hues.append(img[labels == 1].mean(0).argmax())
@@ -243,10 +243,10 @@ def test_ade20k_labels_follow_painted_regions(tmp_path: Path) -> None:
 def test_rotate_hue_keeps_grey_and_brightness() -> None:
     rng = np.random.default_rng(0)
     img = rng.random((4, 4, 3))
-    out = builtin.rotate_hue(img, 2.0)
+    out = draw.rotate_hue(img, 2.0)
     assert np.allclose(out.mean(-1), img.mean(-1))
-    assert np.allclose(builtin.rotate_hue(np.full((2, 2, 3), 0.4), 1.0), 0.4)
-    assert np.allclose(builtin.rotate_hue(img, 2 * np.pi), img)
+    assert np.allclose(draw.rotate_hue(np.full((2, 2, 3), 0.4), 1.0), 0.4)
+    assert np.allclose(draw.rotate_hue(img, 2 * np.pi), img)
     assert not np.allclose(out, img)
 
 
@@ -270,7 +270,7 @@ def test_existing_dataset_replaced_and_failure_keeps_previous(tmp_path: Path, mo
     before = _files(dest)
 
     calls = {"n": 0}
-    real_save = builtin.save_jpeg
+    real_save = imagenet.save_jpeg
 
     def failing_save(path: Path, pixels: np.ndarray) -> None:
         calls["n"] += 1
@@ -278,7 +278,7 @@ def test_existing_dataset_replaced_and_failure_keeps_previous(tmp_path: Path, mo
             raise KeyboardInterrupt  # like a run killed midway
         real_save(path, pixels)
 
-    monkeypatch.setattr(builtin, "save_jpeg", failing_save)
+    monkeypatch.setattr(imagenet, "save_jpeg", failing_save)
     with pytest.raises(KeyboardInterrupt):
         write_imagenet(dest, seed=5, image_size=16, num_classes=2, train_per_class=3, val_per_class=1)
     assert _files(dest) == before
@@ -287,10 +287,10 @@ def test_existing_dataset_replaced_and_failure_keeps_previous(tmp_path: Path, mo
 
 def test_class_count_limits(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        write_imagenet(tmp_path / "x", num_classes=builtin.max_classes("imagenet") + 1)
+        write_imagenet(tmp_path / "x", num_classes=draw.max_classes("imagenet") + 1)
     with pytest.raises(ValueError):
         generate_all(tmp_path, datasets=["mnist"])
-    assert builtin.shape_class(0) != builtin.shape_class(len(builtin.SHAPE_NAMES))
+    assert draw.shape_class(0) != draw.shape_class(len(draw.SHAPE_NAMES))
     with pytest.raises(ValueError):
         BuiltinSizes(image_size=4)
     with pytest.raises(ValueError):
@@ -403,7 +403,7 @@ def test_unlabeled_set_mixes_every_domain_in_imagenet_layout(root: Path) -> None
 
     base = root / DEFAULT_ROOTS["unlabeled"]
     folders = sorted(p.name for p in (base / "train").iterdir())
-    assert folders == sorted(builtin.UNLABELED_DOMAINS)
+    assert folders == sorted(draw.UNLABELED_DOMAINS)
     ds = ImageNetDataset(base, "train")
     assert len(ds) == TINY.unlabeled_images
     counts = [len(list((base / "train" / d).iterdir())) for d in folders]

@@ -14,7 +14,7 @@ import yaml
 
 from mixmim.data import build_classification_dataset
 from mixmim.data.builtin import write_imagenet
-from mixmim.data.datasets import read_class_list
+from mixmim.data.imagenet import read_class_list
 from mixmim.engine.config import FinetuneConfig, PretrainConfig, from_mapping
 from mixmim.pipeline import load_params, merged
 

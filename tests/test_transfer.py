@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mixmim.checkpoint import convert_reference_state_dict
+from mixmim.data.ade20k import reduce_zero_label
 from mixmim.data.builtin import write_ade20k, write_coco
 from mixmim.models import build_pretrainer
 from mixmim.transfer import (
@@ -35,7 +36,6 @@ from mixmim.transfer import (
     segmentor_complexity,
     slide_inference,
 )
-from mixmim.transfer.data import reduce_zero_label
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE = SHARED / "reference" / "mixmim_reference_small.pt"

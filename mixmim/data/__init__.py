@@ -1,7 +1,14 @@
-"""Data loading for MixMIM: classification datasets in their on-disk formats.
+"""Data for MixMIM, one module per on-disk format.
 
-The synthetic data generator lives in :mod:`mixmim.data.builtin` and is
-imported from there directly.
+* :mod:`.imagenet`, :mod:`.inat`, :mod:`.places` -- the classification formats (on the base in
+  :mod:`.classification`; :mod:`.datasets` builds one by name), :mod:`.coco` and
+  :mod:`.ade20k` -- the dense formats.  Each holds its layout constants, its reader and the
+  writer of its built-in stand-in.
+* :mod:`.draw` -- the procedural drawing of the stand-ins' pixels; :mod:`.standin` -- the
+  writing helpers they share; :mod:`.builtin` -- which stand-ins to write, at which sizes.
+
+The classification readers are re-exported here; the dense readers (torch, pycocotools) and
+the stand-in writers are imported from their modules directly.
 """
 
 from mixmim.data.datasets import (

@@ -4,7 +4,7 @@ Tables are a function of the metrics JSON and per-image records of every pipelin
 (:mod:`.results`), so a fresh clone rebuilds them byte for byte. The MLflow store is
 read only for the loss curves (per-step histories). Everything is written into a hidden
 staging folder beside ``out_dir`` and moved into place only when the whole report is done
-(:func:`mixmim.data.builtin.staged_dir`), so a killed stage leaves the previous report.
+(:func:`mixmim.data.standin.staged_dir`), so a killed stage leaves the previous report.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..data.builtin import staged_dir
+from ..data.standin import staged_dir
 from ..stats import DEFAULT_RESAMPLES
 from . import figures as figs
 from .calibration import CalibrationEntry, calibration_table

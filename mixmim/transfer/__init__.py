@@ -4,8 +4,8 @@
   window changes, the paper's detection windows, layer-wise lr decay groups.
 * :mod:`.detection` -- torchvision Mask R-CNN + FPN, COCO evaluation, complexity.
 * :mod:`.segmentation` -- UperNet + auxiliary FCN head, sliding-window evaluation.
-* :mod:`.data` -- COCO / ADE20K datasets in their official layouts, LSJ and the
-  segmentation training pipeline.
+* :mod:`.data` -- LSJ and the segmentation training pipeline; re-exports the COCO and
+  ADE20K readers of :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`.
 * :mod:`.metrics` -- confusion-matrix scores, COCO stat names, MAC counting.
 """
 

@@ -1,39 +1,27 @@
-"""COCO instances and ADE20K scene parsing in their official layouts, with the paper's augmentations.
+"""The paper's dense-transfer augmentations (LSJ for COCO, the BEiT/mmseg ADE20K pipeline).
 
-Images are returned as float tensors in [0, 1]; normalisation with the ImageNet mean
+The COCO and ADE20K readers live in :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`
+(re-exported here).  Images are returned as float tensors in [0, 1]; normalisation with the ImageNet mean
 and std happens inside the models (torchvision's detection transform, the segmentor's
 own buffers), so padding a [0, 1] image with the mean pixel is padding with zero after
 normalisation -- the padding the reference implementations use.
-
-* COCO (``annotations/instances_{train,val}2017.json`` + ``{train,val}2017/``): polygons
-  and RLEs become masks with pycocotools; category ids map to contiguous labels 1..K
-  (0 is torchvision's background) and back for evaluation. Crowd regions are left out
-  of training targets (torchvision's Mask R-CNN cannot ignore them) but stay in the
-  ground truth that COCOeval reads.
-* ADE20K (``ADEChallengeData2016/{images,annotations}/{training,validation}``): label 0
-  ("other") is ignored and labels shift down by one, as mmseg's ``reduce_zero_label``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..data.ade20k import ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, reduce_zero_label
+from ..data.coco import CocoInstanceDataset, DetectionTarget, load_coco_silently
+
 __all__ = [
+    "ADE20K_DIR",
     "ADE20K_NUM_CLASSES",
     "ADE20KDataset",
     "CocoInstanceDataset",
@@ -51,120 +39,6 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
-ADE20K_NUM_CLASSES = 150
-ADE20K_DIR = "ADEChallengeData2016"
-_ADE_SPLITS = {"train": "training", "val": "validation"}
-_COCO_SPLITS = ("train", "val")
-
-DetectionTarget = dict[str, Any]
-
-
-def _require(path: Path, kind: str, expected: str) -> Path:
-    """Raise FileNotFoundError naming ``path`` when it is not an existing file/directory."""
-    ok = path.is_dir() if kind == "directory" else path.is_file()
-    if not ok:
-        raise FileNotFoundError(f"{kind} not found: {path} ({expected})")
-    return path
-
-
-def load_image(path: Path) -> Tensor:
-    """RGB image as a (3, H, W) float tensor in [0, 1]."""
-    with Image.open(path) as img:
-        pixels = TF.pil_to_tensor(img.convert("RGB"))
-    return TF.to_dtype(pixels, torch.float32, scale=True)
-
-
-# --------------------------------------------------------------------------- #
-# COCO instances
-# --------------------------------------------------------------------------- #
-def load_coco_silently(annotation_file: Path) -> COCO:
-    """pycocotools' COCO index without its progress prints (they flood training logs)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
-
-
-def _annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """(H, W) uint8 mask of a polygon list, uncompressed RLE or compressed RLE."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return mask_utils.decode(rle)
-
-
-class CocoInstanceDataset(Dataset):
-    """COCO-format instance segmentation: ``(image, target)`` in torchvision's detection format.
-
-    ``target`` holds ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels), ``masks``
-    (``tv_tensors.Mask``, (N, H, W) uint8), ``labels`` (int64, 1..K) and ``image_id``.
-    ``transform`` is called as ``transform(image, target)`` (v2 style), e.g.
-    :class:`LargeScaleJitter` for training; evaluation uses no transform.
-    """
-
-    def __init__(
-        self, root: str | Path, split: str = "train", transform: Callable[..., Any] | None = None,
-        annotation_file: str | Path | None = None, image_dir: str | Path | None = None,
-        remove_images_without_annotations: bool = False,
-    ) -> None:
-        if split not in _COCO_SPLITS:
-            raise ValueError(f"split {split!r} is not one of {_COCO_SPLITS}")
-        root = Path(root)
-        ann = Path(annotation_file) if annotation_file else root / "annotations" / f"instances_{split}2017.json"
-        self.annotation_file = _require(ann, "file", "COCO instances JSON, e.g. annotations/instances_val2017.json")
-        self.image_dir = _require(Path(image_dir) if image_dir else root / f"{split}2017", "directory",
-                                  f"COCO image folder, e.g. {split}2017/")
-        self.coco = load_coco_silently(self.annotation_file)
-        self.transform = transform
-        self.cat_ids: list[int] = sorted(self.coco.getCatIds())
-        self.cat_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        self.label_to_cat: dict[int, int] = {i: c for c, i in self.cat_to_label.items()}
-        self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        ids = sorted(self.coco.imgs)
-        if remove_images_without_annotations:
-            ids = [i for i in ids if self._usable_annotations(i)]
-        self.ids: list[int] = ids
-
-    @property
-    def num_classes(self) -> int:
-        """Object categories, without background."""
-        return len(self.cat_ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _usable_annotations(self, image_id: int) -> list[dict[str, Any]]:
-        """Non-crowd annotations with a box of positive size (what training can use)."""
-        anns = self.coco.imgToAnns.get(image_id, [])
-        return [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
-
-    def target(self, image_id: int, height: int, width: int) -> DetectionTarget:
-        anns = self._usable_annotations(image_id)
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        masks = np.stack([_annotation_mask(a["segmentation"], height, width) for a in anns]) if anns else \
-            np.zeros((0, height, width), dtype=np.uint8)
-        return {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
-            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
-            "image_id": image_id,
-        }
-
-    def __getitem__(self, index: int) -> tuple[Tensor, DetectionTarget]:
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        image = tv_tensors.Image(load_image(self.image_dir / info["file_name"]))
-        height, width = image.shape[-2:]
-        if (height, width) != (info["height"], info["width"]):
-            raise ValueError(f"{self.image_dir / info['file_name']} is {height}x{width} but "
-                             f"{self.annotation_file} says {info['height']}x{info['width']}")
-        target = self.target(image_id, height, width)
-        if self.transform is not None:
-            image, target = self.transform(image, target)
-        return image, target
 
 
 def collate_detection(batch: Sequence[tuple[Tensor, DetectionTarget]]) -> tuple[list[Tensor], list[DetectionTarget]]:
@@ -202,56 +76,6 @@ class LargeScaleJitter:
         return self.sanitize(image, target)
 
 
-# --------------------------------------------------------------------------- #
-# ADE20K
-# --------------------------------------------------------------------------- #
-def reduce_zero_label(label: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """ADE20K labels 1..150 -> 0..149 and 0 ("other") -> ignore, as mmseg does."""
-    label = label.to(torch.int64)
-    return torch.where(label == 0, torch.full_like(label, ignore_index), label - 1)
-
-
-class ADE20KDataset(Dataset):
-    """ADE20K SceneParsing: ``(image, label)`` with label (H, W) int64, 255 = ignore.
-
-    ``root`` is the folder holding ``ADEChallengeData2016`` or that folder itself.
-    ``transform(image, label)`` returns the pair transformed (e.g.
-    :class:`SegmentationTrainTransform`).
-    """
-
-    def __init__(self, root: str | Path, split: str = "train",
-                 transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-                 num_classes: int = ADE20K_NUM_CLASSES) -> None:
-        if split not in _ADE_SPLITS:
-            raise ValueError(f"split {split!r} is not one of {tuple(_ADE_SPLITS)}")
-        root = Path(root)
-        base = root / ADE20K_DIR if (root / ADE20K_DIR).is_dir() else root
-        folder = _ADE_SPLITS[split]
-        self.image_dir = _require(base / "images" / folder, "directory",
-                                  f"ADE20K images, expected {ADE20K_DIR}/images/{folder}")
-        self.label_dir = _require(base / "annotations" / folder, "directory",
-                                  f"ADE20K label PNGs, expected {ADE20K_DIR}/annotations/{folder}")
-        self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not self.images:
-            raise FileNotFoundError(f"no images in {self.image_dir}")
-        self.labels = [self.label_dir / f"{p.stem}.png" for p in self.images]
-        for label in self.labels:
-            _require(label, "file", "the label PNG of the image with the same name")
-        self.transform = transform
-        self.num_classes = num_classes
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = load_image(self.images[index])
-        with Image.open(self.labels[index]) as png:
-            label = reduce_zero_label(torch.from_numpy(np.array(png, dtype=np.uint8)))
-        if label.shape != image.shape[-2:]:
-            raise ValueError(f"{self.labels[index]} is {tuple(label.shape)}, its image {tuple(image.shape[-2:])}")
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return image, label
 
 
 def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
