@@ -11,11 +11,11 @@ by its CPU time (so that other load on a shared machine does not count). Rows:
   (``Image.draft``) to the smallest power-of-two scale that still leaves the crop at
   least the output size; ``decode_tv``: ``torchvision.io.decode_jpeg`` (libjpeg-turbo);
 - ``pretrain``: Table 11, PIL decode, RandomResizedCrop(224, scale 0.2-1, bicubic), flip,
-  ToTensor, Normalize (``mixmim.engine.data.pretrain_transform``);
+  ToTensor, Normalize (``mixmim.engine.loaders.pretrain_transform``);
 - ``pretrain_draft``: the same crop distribution with the crop chosen on the header's
   size and the JPEG decoded at reduced size first;
 - ``finetune``: Table 12, timm's RandAug(9, 0.5) pipeline with random erasing 0.25
-  (``mixmim.engine.data.finetune_transform``), then timm Mixup/CutMix (0.8/1.0, label
+  (``mixmim.engine.loaders.finetune_transform``), then timm Mixup/CutMix (0.8/1.0, label
   smoothing 0.1) on batches of 64, its cost spread over the images.
 
 Workers per GPU = the GPU's images/s / one worker's images/s. No GPU has been measured
@@ -46,7 +46,7 @@ from timm.data import Mixup
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mixmim.engine.data import finetune_transform, pretrain_transform
+from mixmim.engine.loaders import finetune_transform, pretrain_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import FinetuneConfig, PretrainConfig
-from mixmim.engine.finetune import finetune
-from mixmim.engine.pretrain import pretrain
+from mixmim.engine.engine_finetune import finetune
+from mixmim.engine.engine_pretrain import pretrain
 
 
 def window_rates(store: str, run_id: str) -> list[float]:

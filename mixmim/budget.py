@@ -73,7 +73,7 @@ def _pretrain_gmacs(cfg_json: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine.pretrain import build_model
+    from .engine.engine_pretrain import build_model
     from .flops import CUSTOM_FLOPS
 
     cfg = from_mapping(PretrainConfig, json.loads(cfg_json))
@@ -167,7 +167,7 @@ def stage_budget(name: str, cmd: str, wdir: Path, tflops: float) -> StageBudget 
         val = VAL_IMAGES[dataset] * fraction
         images = cfg.epochs * (train + val / 3)  # a validation image costs one forward pass
         return StageBudget(name, kind, _label(cfg), gmacs, images, gpu_hours(gmacs, images, tflops))
-    from .transfer.config import DetectionConfig, SegmentationConfig
+    from .transfer.dense_config import DetectionConfig, SegmentationConfig
 
     if kind == "coco":
         from .transfer.detection import detector_complexity

@@ -39,11 +39,11 @@ def _train(args: argparse.Namespace) -> int:
     cls = PretrainConfig if args.command == "pretrain" else FinetuneConfig
     cfg = load_config(cls, args.config, parse_overrides(args.overrides))
     if args.command == "pretrain":
-        from .engine.pretrain import pretrain
+        from .engine.engine_pretrain import pretrain
 
         result = pretrain(cfg)
     else:
-        from .engine.finetune import finetune
+        from .engine.engine_finetune import finetune
 
         result = finetune(cfg)
     if result.get("run_id") is not None or int(os.environ.get("RANK", "0")) == 0:

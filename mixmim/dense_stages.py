@@ -16,7 +16,7 @@ from typing import Any
 from .engine.config import ConfigError
 from .params import Params, merged
 from .pipeline import is_main_process, stage_config, summarize_seeds, write_metrics, write_plot_csv
-from .transfer.config import DetectionConfig, SegmentationConfig, check_config
+from .transfer.dense_config import DetectionConfig, SegmentationConfig, check_config
 
 __all__ = ["ADE20K_METRICS", "COCO_METRICS", "ade20k_stage", "coco_stage"]
 

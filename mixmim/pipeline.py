@@ -168,7 +168,7 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
 
     The weights (``<run_dir>/pretrain.pt``) and their run reference (``mlflow_run.json``) are
     what later stages read; the resume state (``checkpoint-last.pt``) stays beside them."""
-    from .engine.pretrain import pretrain
+    from .engine.engine_pretrain import pretrain
 
     dataset = merged(params, sections).get("dataset", "imagenet")
     # `roots.pretrain`, when present, holds the (unlabeled) pretraining images in `dataset`'s layout:
@@ -202,7 +202,7 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
                    init: str | None, run_dir: str, metrics_path: str, plots_path: str,
                    seed: int | None = None) -> dict[str, Any]:
     """Finetune (or train from scratch when ``init`` is None) and write metrics and curves."""
-    from .engine.finetune import finetune, input_size
+    from .engine.engine_finetune import finetune, input_size
     from .records import records_path, write_classification_records
 
     owned = {"dataset": dataset, "init": params.resolve_path(init) if init else None}

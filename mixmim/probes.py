@@ -160,7 +160,7 @@ def feature_fn(model: nn.Module) -> FeatureFn:
 
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Any:
     """Resize, centre crop and normalise: the finetuning evaluation transform, no augmentation."""
-    from .engine.data import finetune_transform
+    from .engine.loaders import finetune_transform
 
     return finetune_transform(img_size, False, None, 0.0, crop_pct)
 
@@ -293,7 +293,7 @@ def probe_model(cfg: ProbeConfig) -> nn.Module:
     loading: this suite's pretraining, an original release or a timm model's weights; checkpoints
     are read with ``weights_only=True``), from ``init`` or randomly initialised under ``seed``."""
     from .engine.config import FinetuneConfig
-    from .engine.finetune import build_model
+    from .engine.engine_finetune import build_model
     from .engine.runner import seed_everything
 
     ft = FinetuneConfig(model=cfg.model, model_kwargs=dict(cfg.model_kwargs), img_size=cfg.img_size, init=cfg.init,
@@ -307,10 +307,10 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     from pathlib import Path
 
     from .engine.config import FinetuneConfig, to_dict
-    from .engine.data import classification_split
+    from .engine.loaders import classification_split
     from .engine.distributed import DistInfo, resolve_device
-    from .engine.finetune import input_size
-    from .engine.pretrain import RUN_REF
+    from .engine.engine_finetune import input_size
+    from .engine.engine_pretrain import RUN_REF
     from .engine.runner import open_tracker, run_params
     from .tracking import PRETRAIN_RUN_TAG, read_run_ref
 

@@ -20,11 +20,11 @@ from timm.models.vision_transformer import VisionTransformer
 from mixmim.checkpoint import load_file
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import FinetuneConfig, PretrainConfig, from_mapping
-from mixmim.engine.finetune import build_model as build_finetune_model
-from mixmim.engine.finetune import classifier_prefixes, finetune, input_size
+from mixmim.engine.engine_finetune import build_model as build_finetune_model
+from mixmim.engine.engine_finetune import classifier_prefixes, finetune, input_size
 from mixmim.engine.optim import build_adamw
-from mixmim.engine.pretrain import build_model as build_pretrain_model
-from mixmim.engine.pretrain import pretrain
+from mixmim.engine.engine_pretrain import build_model as build_pretrain_model
+from mixmim.engine.engine_pretrain import pretrain
 from mixmim.models.adapters import ADAPTER_OPTIONS, TimmMixMIMAdapter
 from mixmim.pipeline import load_params, merged, tracking_fields
 from mixmim.report.results import Result, Results

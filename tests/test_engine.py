@@ -15,11 +15,11 @@ from mlflow import MlflowClient
 from mixmim.checkpoint import load_file
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import ConfigError, FinetuneConfig, PretrainConfig, from_mapping, load_config
-from mixmim.engine.data import ResumableSampler
-from mixmim.engine.finetune import finetune, load_encoder_init
+from mixmim.engine.loaders import ResumableSampler
+from mixmim.engine.engine_finetune import finetune, load_encoder_init
 from mixmim.engine.loop import KILL_AT_STEP_ENV, NonFiniteLossError
 from mixmim.engine.optim import build_adamw, build_cosine_schedule
-from mixmim.engine.pretrain import pretrain
+from mixmim.engine.engine_pretrain import pretrain
 from mixmim.models import build_classifier
 from mixmim.tracking import PRETRAIN_RUN_TAG, TrackingUnavailableError
 

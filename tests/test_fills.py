@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixmim.models import build_pretrainer
-from mixmim.models.pretrain import check_fill_settings
+from mixmim.models.pretrainer import check_fill_settings
 
 SMALL = dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
              window_size=(8, 8, 4, 2), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -127,7 +127,7 @@ def test_every_ablation_variant_builds_under_the_fill_rules():
     from pathlib import Path
 
     from mixmim.engine.config import PretrainConfig, from_mapping
-    from mixmim.engine.pretrain import build_model
+    from mixmim.engine.engine_pretrain import build_model
     from mixmim.pipeline import load_params, merged
 
     params = load_params(Path(__file__).resolve().parents[1] / "pipelines" / "ablations" / "params.yaml")

@@ -17,7 +17,7 @@ import yaml
 
 from mixmim.engine.config import FinetuneConfig, PretrainConfig, from_mapping
 from mixmim.pipeline import load_params, merged
-from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
+from mixmim.transfer.dense_config import DetectionConfig, SegmentationConfig, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "pipelines" / "paper"

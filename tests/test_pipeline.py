@@ -200,7 +200,7 @@ def test_repository_pipelines_parse():
 
 def test_dense_sections_of_the_shipped_pipelines_parse():
     from mixmim.engine.config import from_mapping
-    from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
+    from mixmim.transfer.dense_config import DetectionConfig, SegmentationConfig, check_config
 
     sections = {"params.yaml": ("coco", "ade20k"), "pipelines/paper/params.yaml": ("coco", "ade20k"),
                 "pipelines/ablations/params.yaml": ("ade20k",)}

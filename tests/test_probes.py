@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import PretrainConfig, from_mapping
-from mixmim.engine.pretrain import mean_loss_baseline, pretrain
+from mixmim.engine.engine_pretrain import mean_loss_baseline, pretrain
 from mixmim.models import build_classifier, build_pretrainer
-from mixmim.models.pretrain import mean_colour_loss, pixel_targets, reconstruction_loss
+from mixmim.models.pretrainer import mean_colour_loss, pixel_targets, reconstruction_loss
 from mixmim.probes import (
     OnlineKNN, extract_features, feature_fn, knn_probe, knn_votes, linear_probe, subset_indices,
 )
@@ -245,7 +245,7 @@ def test_probe_script_needs_a_checkpoint_for_pretrained_weights(capsys):
 
 
 def test_online_knn_on_another_dataset_needs_its_root(data_root):
-    from mixmim.engine.pretrain import online_knn
+    from mixmim.engine.engine_pretrain import online_knn
 
     base = dict(model="mixmim_nano", dataset="imagenet", data_root="/pretraining/data", knn_every=1)
     assert online_knn(from_mapping(PretrainConfig, {**base, "knn_every": 0}), 64, torch.device("cpu")) is None
@@ -286,7 +286,7 @@ def test_probe_reads_a_timm_adapter_pretraining_checkpoint(tmp_path, timm_name, 
     weights come from it; the pretrained and the random encoder give different features."""
     from mixmim.checkpoint import save_atomic
     from mixmim.engine.config import to_dict
-    from mixmim.engine.pretrain import build_model
+    from mixmim.engine.engine_pretrain import build_model
     from mixmim.probes import ProbeConfig, probe_model, resolve_architecture
 
     cfg = from_mapping(PretrainConfig, {"model": timm_name, "img_size": 64, "model_kwargs": {

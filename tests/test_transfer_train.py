@@ -20,7 +20,7 @@ from mixmim.engine.loop import KILL_AT_STEP_ENV
 from mixmim.models import build_pretrainer
 from mixmim.pipeline import load_params
 from mixmim.tracking import PRETRAIN_RUN_TAG
-from mixmim.transfer.config import DetectionConfig, SegmentationConfig, check_config
+from mixmim.transfer.dense_config import DetectionConfig, SegmentationConfig, check_config
 from mixmim.dense_stages import ADE20K_METRICS, COCO_METRICS, ade20k_stage, coco_stage
 from mixmim.records import read_records
 from mixmim.stats import coco_ap_from_records, miou_from_counts
@@ -263,7 +263,8 @@ def _sharded_evaluation(rank: int, world: int, init_file: str, roots: dict[str, 
     import torch.distributed as dist
 
     from mixmim.engine.distributed import DistInfo
-    from mixmim.transfer.data import ADE20KDataset, CocoInstanceDataset
+    from mixmim.data.ade20k import ADE20KDataset
+    from mixmim.data.coco import CocoInstanceDataset
     from mixmim.transfer.train import ade20k_num_classes, evaluate_ade20k, evaluate_detection
 
     torch.set_num_threads(1)

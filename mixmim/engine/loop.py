@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoint import load_file
-from .data import ResumableSampler, SeededDataset
+from .loaders import ResumableSampler, SeededDataset
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier
 from .optim import current_lr
 from .state import LAST, Position, load_training_state, save_training_state

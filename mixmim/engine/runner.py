@@ -18,7 +18,7 @@ from ..tracking import (
     PRETRAIN_RUN_TAG, Tracker, check_tracking_uri, read_run_ref, resolve_tracking_uri, write_run_ref,
 )
 from .config import RuntimeConfig, to_dict
-from .data import ResumableSampler, SeededDataset, make_loader
+from .loaders import ResumableSampler, SeededDataset, make_loader
 from .distributed import DistInfo
 from ..checkpoint import load_file, save_atomic
 from .loop import RUN_ID_KEY, EvalFn, Loop, resume_blocker

@@ -2,7 +2,7 @@
 
 from .classifier import MixMIMClassifier
 from .encoder import MixMIMEncoder
-from .pretrain import (
+from .pretrainer import (
     FILLS, UNMIX, MixMIMDecoder, MixMIMPretrainer, PretrainerBase, PretrainOutput, patchify, pixel_targets,
     reconstruction_loss, unpatchify,
 )

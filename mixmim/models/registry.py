@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .classifier import MixMIMClassifier
-from .pretrain import MixMIMPretrainer
+from .pretrainer import MixMIMPretrainer
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ predicted cell is model output, and the predicted cells share one brightness and
 taken from the model's input. As in MAE's visualisations only the cells a branch predicts
 are pasted; the visible cells are the input itself.
 
-Cell bookkeeping (see :func:`mixmim.models.pretrain.reconstruction_loss`): the mixed
+Cell bookkeeping (see :func:`mixmim.models.pretrainer.reconstruction_loss`): the mixed
 input ``i`` holds image ``i`` where ``mask == 0`` and its partner ``B-1-i`` where
 ``mask == 1``. Branch 1 (``pred[i]``) predicts image ``i`` on the ``mask == 1`` cells;
 branch 2 (``pred[B + i]``) predicts the partner on the ``mask == 0`` cells.
@@ -59,7 +59,7 @@ def load_pretrainer(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict
     included; a config key this code does not know is an error rather than a silent default.
     """
     from ..engine.config import PretrainConfig, from_mapping
-    from ..engine.pretrain import build_model
+    from ..engine.engine_pretrain import build_model
 
     checkpoint = load_file(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
@@ -132,7 +132,7 @@ def unnormalise_cells(pred: Tensor, target: Tensor, cell: int, norm_pix: bool,
     """Predicted cells (L, cell*cell*3) in the image's (normalised-input) pixel space.
 
     Without ``visible`` each cell is rescaled with the target cell's own statistics (those
-    of :func:`mixmim.models.pretrain.pixel_targets`: mean and unbiased variance + 1e-6), so
+    of :func:`mixmim.models.pretrainer.pixel_targets`: mean and unbiased variance + 1e-6), so
     a perfect prediction returns the target exactly; that uses the answer and is for
     checks only. With ``visible`` ((L,) 1 = a cell the model was given) every cell is
     rescaled with the mean and spread of the visible cells' pixels pooled: only what the

@@ -4,8 +4,10 @@
   window changes, the paper's detection windows, layer-wise lr decay groups.
 * :mod:`.detection` -- torchvision Mask R-CNN + FPN, COCO evaluation, complexity.
 * :mod:`.segmentation` -- UperNet + auxiliary FCN head, sliding-window evaluation.
-* :mod:`.data` -- LSJ and the segmentation training pipeline; re-exports the COCO and
-  ADE20K readers of :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`.
+* :mod:`.dense_transforms` -- LSJ, the segmentation training pipeline and the detection
+  collate (the COCO and ADE20K readers are :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`,
+  re-exported by this package).
+* :mod:`.dense_config` -- the run configurations; :mod:`.train` -- the dense engine.
 * :mod:`.metrics` -- confusion-matrix scores, COCO stat names, MAC counting.
 """
 
@@ -18,11 +20,9 @@ from .backbone import (
     load_backbone_checkpoint,
     param_groups_layer_decay,
 )
-from .data import (
-    ADE20K_NUM_CLASSES,
-    IGNORE_INDEX,
-    ADE20KDataset,
-    CocoInstanceDataset,
+from ..data.ade20k import ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset
+from ..data.coco import CocoInstanceDataset
+from .dense_transforms import (
     LargeScaleJitter,
     SegmentationTrainTransform,
     collate_detection,

@@ -35,7 +35,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .backbone import MixMIMBackbone, build_backbone
-from .data import IMAGENET_MEAN, IMAGENET_STD, CocoInstanceDataset
+from ..data.coco import CocoInstanceDataset
+from .dense_transforms import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import DenseComplexity, coco_stats_dict, count_macs, count_trainable
 
 __all__ = [

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import MixMIMBackbone, build_backbone
-from .data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ADE20KDataset, keep_ratio_size
+from ..data.ade20k import IGNORE_INDEX, ADE20KDataset
+from .dense_transforms import IMAGENET_MEAN, IMAGENET_STD, keep_ratio_size
 from .metrics import DenseComplexity, confusion_matrix, count_macs, count_trainable, segmentation_scores
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Dense-transfer training engines: Mask R-CNN on COCO and UperNet on ADE20K (Table 4, section 8).
 
-The same skeleton as :mod:`mixmim.engine.pretrain` and :mod:`mixmim.engine.finetune`
+The same skeleton as :mod:`mixmim.engine.engine_pretrain` and :mod:`mixmim.engine.engine_finetune`
 (:mod:`mixmim.engine.runner`): one process or many under torchrun, seeded data (every
 item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler, the loop of
 :func:`~mixmim.engine.runner.build_loop` (precision, accumulation, clipping, atomic
@@ -60,11 +60,10 @@ from ..models.registry import MODEL_SIZES
 from ..io import write_text_atomic
 from ..tracking import Tracker
 from .backbone import MixMIMBackbone, build_backbone, detection_window_sizes, param_groups_layer_decay
-from .config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
-from .data import (
-    ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, CocoInstanceDataset, LargeScaleJitter,
-    SegmentationTrainTransform, keep_ratio_size, reduce_zero_label,
-)
+from .dense_config import DenseConfig, DetectionConfig, SegmentationConfig, check_config
+from ..data.ade20k import ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, reduce_zero_label
+from ..data.coco import CocoInstanceDataset
+from .dense_transforms import LargeScaleJitter, SegmentationTrainTransform, keep_ratio_size
 from .detection import (
     DETECTION_BACKBONE_PREFIX,
     build_mask_rcnn,

@@ -1,7 +1,7 @@
 """What every timm adapter shares: the group context, forward swapping, the pixel-level mix.
 
 Mask sampling, the decoder, the loss and the forward pass come from
-:class:`~mixmim.models.pretrain.PretrainerBase`, shared with ``MixMIMPretrainer``.
+:class:`~mixmim.models.pretrainer.PretrainerBase`, shared with ``MixMIMPretrainer``.
 
 An adapter holds an *unmodified* timm model as ``self.encoder`` (so its state dict is
 the timm model's under the prefix ``encoder.``) and swaps the ``forward`` of a few of
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..layers import Size2, to_2tuple
 from ..masking import check_mask
-from ..pretrain import PretrainerBase
+from ..pretrainer import PretrainerBase
 
 PAD = -1.0  # group-map value of padding positions: constant content, valid for both groups
 
@@ -109,17 +109,17 @@ class TimmMixMIMAdapter(PretrainerBase):
     :meth:`_encode` (mixed images -> (B, L, C) features at the output stride).
     ``model(imgs)`` samples a mask, ``model(imgs, mask=m)`` uses ``m`` (1, L) where 1
     marks the cells taken from the partner image B-1-i; the output is the
-    :class:`~mixmim.models.pretrain.PretrainOutput` of ``MixMIMPretrainer``.
+    :class:`~mixmim.models.pretrainer.PretrainOutput` of ``MixMIMPretrainer``.
 
     The semantics are ``MixMIMPretrainer``'s with ``fill="mix"``: ``restrict`` is its
     ``unmix="masked_attention"`` (off: ``"none"``), ``dual=False`` decodes image i's own
     group with mask tokens over the partner's cells and scores the masked cells only.
     The non-mix fills of Table 6 (one image encoded whole, every cell decoded; see
-    :func:`~mixmim.models.pretrain.check_fill_settings`) exist for the MixMIM encoder
+    :func:`~mixmim.models.pretrainer.check_fill_settings`) exist for the MixMIM encoder
     only, and the engine refuses them for a timm encoder.
 
     Mask sampling, the decoder, the loss and the forward pass are
-    :class:`~mixmim.models.pretrain.PretrainerBase`'s; what is timm-specific here is the
+    :class:`~mixmim.models.pretrainer.PretrainerBase`'s; what is timm-specific here is the
     pixel-level mix, the group context and the swapped forwards.
     """
 

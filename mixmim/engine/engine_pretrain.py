@@ -9,7 +9,7 @@ import torch
 from ..models import build_pretrainer
 from ..models.registry import TIMM_DEFAULT_IMG_SIZE, model_family
 from .config import PretrainConfig
-from .data import classification_split, pretrain_transform
+from .loaders import classification_split, pretrain_transform
 from .distributed import cleanup, init_distributed
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import RUN_REF  # noqa: F401  (re-exported: the run reference's file name)
@@ -75,9 +75,9 @@ def build_timm_adapter(cfg: PretrainConfig) -> torch.nn.Module:
 @torch.no_grad()
 def mean_loss_baseline(dataset: Any, cell: int, norm_pix: bool, limit: int = BASELINE_IMAGES, seed: int = 0,
                        batch_size: int = 64) -> float:
-    """The predict-the-mean loss (:func:`~mixmim.models.pretrain.mean_colour_loss`) averaged over
+    """The predict-the-mean loss (:func:`~mixmim.models.pretrainer.mean_colour_loss`) averaged over
     training images as the pretraining sees them (``dataset`` items are ``(image, ...)``)."""
-    from ..models.pretrain import mean_colour_loss
+    from ..models.pretrainer import mean_colour_loss
     from ..probes import subset_indices
 
     indices = subset_indices(len(dataset), limit, seed)

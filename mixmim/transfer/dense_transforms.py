@@ -1,7 +1,6 @@
 """The paper's dense-transfer augmentations (LSJ for COCO, the BEiT/mmseg ADE20K pipeline).
 
-The COCO and ADE20K readers live in :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`
-(re-exported here).  Images are returned as float tensors in [0, 1]; normalisation with the ImageNet mean
+The COCO and ADE20K readers live in :mod:`mixmim.data.coco` and :mod:`mixmim.data.ade20k`.  Images are returned as float tensors in [0, 1]; normalisation with the ImageNet mean
 and std happens inside the models (torchvision's detection transform, the segmentor's
 own buffers), so padding a [0, 1] image with the mean pixel is padding with zero after
 normalisation -- the padding the reference implementations use.
@@ -17,24 +16,17 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.ade20k import ADE20K_DIR, ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KDataset, reduce_zero_label
-from ..data.coco import CocoInstanceDataset, DetectionTarget, load_coco_silently
+from ..data.ade20k import IGNORE_INDEX
+from ..data.coco import DetectionTarget
 
 __all__ = [
-    "ADE20K_DIR",
-    "ADE20K_NUM_CLASSES",
-    "ADE20KDataset",
-    "CocoInstanceDataset",
-    "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LargeScaleJitter",
     "SegmentationTrainTransform",
     "collate_detection",
     "keep_ratio_size",
-    "load_coco_silently",
     "photometric_distortion",
-    "reduce_zero_label",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -17,7 +17,7 @@ from ..models import MODEL_SIZES, MixMIMClassifier, build_classifier
 from ..models.registry import default_img_size, model_family
 from ..models.adapters import create_timm_model
 from .config import ConfigError, FinetuneConfig
-from .data import (
+from .loaders import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
 )
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
