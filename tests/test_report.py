@@ -76,6 +76,9 @@ def _detection(folder: Path, stem: str, hit_rate: float, rng_seed: int, **extra:
 
 def _populate(root: Path) -> None:
     d, a, b = (root / PIPELINES[k] for k in ("default", "ablations", "backbones"))
+    for folder in (root, a.parent, b.parent):  # each pipeline's params: the scale the report's labels name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "params.yaml").write_text("tracking: {scale: builtin}\n")
     common = {"model": "mixmim_tiny", "img_size": 64, "epochs": 3}
     _metrics(d, "pretrain_s0", epochs=4, train_loss=0.5, mean_loss_baseline=0.9, seed=0)
     _classification(d, "finetune_imagenet_s0", 0.7, 1, seed=0, init="pretrained", **common)
@@ -259,7 +262,8 @@ def test_one_mapping_from_runs_to_paper_rows(built: Mapping[str, Any]) -> None:
     t3 = _table(built, "table3_same_encoder")
     vit = _row(t3, method="MixMIM", backbone="ViT-B")
     assert vit["top1_ours"] == "50.0" and vit["top1_resolved_vs_scratch"] in ("yes", "no")
-    assert vit["scale_ours"] == "vit_tiny_patch16_224 (embed_dim=48), 64 px, 4 pretrain + 3 finetune epochs"
+    assert vit["scale_ours"] == ("built-in scale: vit_tiny_patch16_224 (embed_dim=48), 64 px, 4 pretrain + 3 "
+                                 "finetune epochs")
 
 
 def test_table4_sizes_say_whose_count(built: Mapping[str, Any]) -> None:
@@ -358,6 +362,8 @@ def test_missing_pipeline_folder_gives_reasons(tmp_path: Path) -> None:
     tables, _ = build_tables_from({"default": "nowhere"}, root=tmp_path, resamples=1000)
     t6 = next(t for t in tables if t.key == "table6_filling").frame
     assert t6.iloc[0]["top1_ours"] == "— (no 'ablations' pipeline given to the report)"
+    t5 = next(t for t in tables if t.key == "table5_cls_transfer").frame
+    assert t5.iloc[2]["inat2018_ours"] == "— (no results of the default pipeline)"  # no params.yaml: scale unknown
     with pytest.raises(ValueError, match="unknown role 'extras'"):
         build_tables_from({"extras": "x"}, root=tmp_path)
 
@@ -411,18 +417,30 @@ def test_stage_writes_the_report(built: Mapping[str, Any], tmp_path: Path, capsy
 
 
 def test_report_stage_declares_every_pipelines_results_and_stays_out_of_the_root_pipeline() -> None:
-    """The report's DVC deps cover each metrics folder it reads, and no stage of the root dvc.yaml depends on
-    another pipeline's results (that would make `dvc repro` of the default pipeline rerun them upstream)."""
+    """Each report stage's DVC deps cover every metrics folder it reads (the folder or one above it), its
+    params cover the params file of every pipeline whose scale its labels name, and no stage of the root
+    dvc.yaml depends on another pipeline's results (that would make `dvc repro` of the default pipeline
+    rerun them upstream)."""
     import yaml
+
+    from mixmim.report.results import pipeline_scale
 
     repo = Path(__file__).resolve().parents[1]
     folder = repo / "pipelines" / "report"
-    stage = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]["report"]
-    deps = {(folder / d).resolve() for d in stage["deps"]}
-    params = yaml.safe_load((folder / "params.yaml").read_text())["report"]
-    for role, metrics in params["pipelines"].items():
-        assert (folder / metrics).resolve() in deps, f"report stage does not declare {role}'s {metrics}"
-    assert {"report", "tracking.uri"} <= set(stage["params"])
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    for name, params_file in (("report", "params.yaml"), ("report_paper", "paper.yaml")):
+        stage = stages[name]
+        deps = [(folder / d).resolve() for d in stage["deps"]]
+        plain = {p for p in stage["params"] if isinstance(p, str)}
+        files = {(folder / k).resolve(): set(v) for p in stage["params"] if isinstance(p, dict) for k, v in p.items()}
+        assert {"report", "tracking.uri"} <= plain | files.get((folder / params_file).resolve(), set()), name
+        section = yaml.safe_load((folder / params_file).read_text())["report"]
+        for role, metrics in section["pipelines"].items():
+            where = (folder / metrics).resolve()
+            assert any(where == d or d in where.parents for d in deps), f"{name} does not declare {role}'s {metrics}"
+            owner = next(p / "params.yaml" for p in [where, *where.parents][:3] if (p / "params.yaml").is_file())
+            assert pipeline_scale(where) is not None
+            assert "tracking.scale" in files.get(owner, set()), f"{name} does not declare {owner}'s tracking.scale"
     root_stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     for name, spec in root_stages.items():
         for dep in spec.get("deps", []):

@@ -22,12 +22,12 @@ from . import figures as figs
 from .calibration import CalibrationEntry, calibration_table
 from .reconstruction import find_sample_images, fixed_mask, load_images, load_pretrainer, reconstruct_pairs
 from .render import write_table
-from .results import MEASURES, Measure, Result, Results, load_results
-from .tables import Context, Table, _gflops, build_tables, paper_table
+from .results import MEASURES, Measure, Result, Results, load_results, scale_name
+from .tables import SIZE_ROLES, Context, Table, _gflops, build_tables, paper_backbone, paper_table
 
 __all__ = ["FIGURES", "ROLES", "Report", "build_report"]
 
-ROLES = ("default", "ablations", "backbones")
+ROLES = ("default", "large", "huge", "ablations", "backbones")
 
 #: Figure file -> the README line saying what it shows.
 FIGURES: dict[str, str] = {
@@ -55,49 +55,92 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+#: The data a task's results were measured on, by scale (the built-in pipelines use generated stand-ins; the
+#: mid pipeline finetunes on the ImageNet-100 classes of ImageNet-1K, pipelines/mid/params.yaml).
+TASK_DATA = {"imagenet": "ImageNet-1K", "coco": "COCO", "ade20k": "ADE20K"}
+SCALE_DATA = {("builtin", "imagenet"): "the ImageNet-1K stand-in", ("builtin", "coco"): "the COCO stand-in",
+              ("builtin", "ade20k"): "the ADE20K stand-in", ("mid", "imagenet"): "ImageNet-100"}
+
+
+def data_name(task: str, scale: str | None) -> str:
+    """What a task's results were measured on at a scale (``imagenet`` at ``builtin``: the ImageNet-1K stand-in)."""
+    return SCALE_DATA.get((scale or "", task), TASK_DATA.get(task, task))
+
+
+def _model_name(group: list[Result]) -> str:
+    model = str(group[0].metrics.get("model", "model ?"))
+    return paper_backbone(model) or model
+
+
 def _ours(ctx: Context, items: list[tuple[str, list[Result]]], measure: Measure) -> list[figs.OursPoint]:
     points = []
     for label, group in items:
         est = ctx.estimate(group, measure) if group else None
         if est is not None:
-            points.append(figs.OursPoint(f"{label}\n(n={est.n_val or '?'}, {est.n_seeds} seed)", est.value,
-                                         est.low, est.high))
+            seeds = f"{est.n_seeds} seed{'s' if est.n_seeds != 1 else ''}"
+            points.append(figs.OursPoint(f"{label}\n(n={est.n_val or '?'}, {seeds})", est.value, est.low, est.high))
     return points
 
 
-def _scale_title(group: list[Result], what: str) -> str:
+def _size_items(res: Results, stage: str, key: str = "") -> tuple[list[tuple[str, list[Result]]], list[Result]]:
+    """(label, group) of every size role's pretrained and from-scratch results of a stage, and all of them."""
+    items, every = [], []
+    for role in SIZE_ROLES:
+        for label, group in (("pretrained", res.group(role, stage, key)), ("from scratch",
+                                                                          res.group(role, "scratch", key or stage))):
+            if group:
+                items.append((f"{_model_name(group)}\n{label}", group))
+                every += group
+    return items, every
+
+
+def _scale_title(res: Results, group: list[Result], task: str, head: str = "") -> str:
+    """The ours panel's title: the scale of the results it draws (from them), the data, models and input sizes."""
+    scale = res.scale_of(group, role="default")
+    what = data_name(task, scale) + (f", {head}" if head else "")
     if not group:
-        return f"this suite: {what} (no run)"
-    r = group[0]
-    model = r.metrics.get("model", "model ?")
-    size = r.value("img_size")
-    return f"this suite at built-in scale: {what}, {model}" + (f" at {size:g} px" if size else "")
+        return f"this suite at {scale_name(scale)}: {what} (no run)"
+    models = []
+    for r in group:
+        size = r.value("img_size")
+        models.append(str(r.metrics.get("model", "model ?")) + (f" at {size:g} px" if size else ""))
+    return f"this suite at {scale_name(scale)}: {what}, {', '.join(dict.fromkeys(models))}"
+
+
+def _ylabel(res: Results, group: list[Result], task: str, metric: str) -> str:
+    return f"{metric} on {data_name(task, res.scale_of(group, role='default'))}"
 
 
 def _top1_figure(ctx: Context) -> Figure:
     res = ctx.results
     paper = figs.paper_points(paper_table("figure2_scaling"), "flops_g", "top1", "method", "model")
-    pre, scr = res.group("default", "finetune", "imagenet"), res.group("default", "scratch", "imagenet")
-    ours = _ours(ctx, [("MixMIM-pretrained", pre), ("from scratch", scr)], MEASURES["top1"])
-    note = ""
-    if pre:
-        img = pre[0].value("img_size")
-        gf = _gflops(str(pre[0].metrics.get("model", "")), int(img) if img else None)
-        note = f"ours: {pre[0].metrics.get('model')} counts {gf:.3g} GFLOPs (mixmim.flops)" if gf else ""
+    items, every = _size_items(res, "finetune", "imagenet")
+    ours = _ours(ctx, items, MEASURES["top1"])
+    counts = []
+    for role in SIZE_ROLES:
+        pre = res.group(role, "finetune", "imagenet")
+        if pre:
+            img = pre[0].value("img_size")
+            gf = _gflops(str(pre[0].metrics.get("model", "")), int(img) if img else None)
+            if gf:
+                counts.append(f"{pre[0].metrics.get('model')} {gf:.3g}")
+    note = f"ours, GFLOPs counted by mixmim.flops: {'; '.join(counts)}" if counts else ""
     return figs.scaling_figure(paper, ours, "Figure 2 (left): top-1 vs FLOPs", "ImageNet-1K top-1 (%)",
-                               _scale_title(pre, "ImageNet stand-in"), "top-1 on the stand-in (%)", note)
+                               _scale_title(res, every, "imagenet"), _ylabel(res, every, "imagenet", "top-1 (%)"),
+                               note)
 
 
 def _dense_figure(ctx: Context, stage: str, measure: str, paper_x: str, paper_y: str, title: str, ylabel: str,
-                  what: str) -> Figure:
+                  head: str) -> Figure:
     res = ctx.results
     paper = figs.paper_points(paper_table("table4_coco_ade20k"), paper_x, paper_y, "method", "backbone")
-    pre, scr = res.group("default", stage), res.group("default", "scratch", stage)
-    ours = _ours(ctx, [("MixMIM-pretrained", pre), ("from scratch", scr)], MEASURES[measure])
-    gf = pre[0].value("model_gflops") if pre else None
-    note = f"ours: the {stage} model counts {gf:.3g} GFLOPs at its input size" if gf is not None else ""
-    return figs.scaling_figure(paper, ours, title, ylabel, _scale_title(pre, what), f"{ylabel} on the stand-in",
-                               note)
+    items, every = _size_items(res, stage)
+    ours = _ours(ctx, items, MEASURES[measure])
+    counts = [f"{g[0].metrics.get('model')} {g[0].value('model_gflops'):.3g}" for role in SIZE_ROLES
+              for g in [res.group(role, stage)] if g and g[0].value("model_gflops") is not None]
+    note = f"ours: the {head} counts GFLOPs at its input size: {'; '.join(counts)}" if counts else ""
+    return figs.scaling_figure(paper, ours, title, ylabel, _scale_title(res, every, stage, head),
+                               _ylabel(res, every, stage, ylabel), note)
 
 
 def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs.LossCurve]:
@@ -105,7 +148,11 @@ def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs
     from .runs import metric_history, pretrain_runs
 
     curves = []
-    for (role, variant), runs in pretrain_runs(tracking_uri, experiments).items():
+    first: dict[str, str] = {}  # an experiment named by several roles (the paper pipeline's) is read once
+    for role, experiment in experiments.items():
+        first.setdefault(experiment, role)
+    unique = {role: experiment for experiment, role in first.items()}
+    for (role, variant), runs in pretrain_runs(tracking_uri, unique).items():
         seeds = []
         for run_id in runs:
             points = metric_history(tracking_uri, run_id, "train/loss")
@@ -227,10 +274,10 @@ def build_report(
             "figure2_flops_vs_top1.png": lambda: _top1_figure(ctx),
             "figure2_flops_vs_coco_ap.png": lambda: _dense_figure(
                 ctx, "coco", "ap_box", "coco_flops_g", "ap_box", "Figure 2 (middle): COCO AP box vs FLOPs",
-                "AP box (%)", "COCO stand-in, Mask R-CNN"),
+                "AP box (%)", "Mask R-CNN"),
             "figure2_flops_vs_ade_miou.png": lambda: _dense_figure(
                 ctx, "ade20k", "miou", "ade_flops_g", "miou", "Figure 2 (right): ADE20K mIoU vs FLOPs", "mIoU (%)",
-                "ADE20K stand-in, UperNet"),
+                "UperNet"),
         }
         store = _missing_store(tracking_uri)
         if tracking_uri and experiments and store is None:

@@ -5,13 +5,15 @@ pyplot, so the report works on headless machines and never changes the backend o
 process that imported it (a notebook, a test session).
 
 Figure 2 of the paper plots FLOPs (linear axis) against accuracy. The paper's points are
-drawn as the paper draws them, in their own panel; this suite's runs (a CPU-size model on
-stand-in data) go in a separate panel titled with their scale, never on an axis shared
-with the paper's numbers, because the two are not comparable.
+drawn as the paper draws them, in their own panel; this suite's runs go in a separate panel
+titled with the scale they ran at (read from the results: built-in stand-ins, mid or paper
+scale), never on an axis shared with the paper's numbers: even at paper scale they are one
+seed of another implementation, and at the smaller scales they are not comparable at all.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +99,7 @@ def scaling_figure(paper: Sequence[Point], ours: Sequence[OursPoint], title: str
     left.set_ylabel(paper_ylabel)
     left.grid(True, alpha=0.25)
     left.legend(fontsize=8, loc="best")
-    left.set_title("the paper's numbers", fontsize=9)
+    left.set_title("the paper's numbers (its models and datasets, as printed)", fontsize=9)
     if ours:
         xpos = np.arange(len(ours))
         values = np.array([p.value for p in ours])
@@ -123,7 +125,7 @@ def scaling_figure(paper: Sequence[Point], ours: Sequence[OursPoint], title: str
     right.set_title(ours_title, fontsize=8, color=OURS_COLOUR, wrap=True)
     fig.suptitle(title, fontsize=10)
     if note:
-        right.set_xlabel(note, fontsize=7, color="dimgray")
+        right.set_xlabel(textwrap.fill(note, 75), fontsize=7, color="dimgray")
     return fig
 
 
@@ -157,7 +159,8 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
                 ax.fill_between(steps, stack.min(0), stack.max(0), color=colour, alpha=0.2, linewidth=0)
         if group in baselines:
             ax.axhline(baselines[group], color="black", linestyle="--", linewidth=1.0,
-                       label=f"predict-the-mean baseline: {baselines[group]:.3f}")
+                       label=f"predict-the-mean level (flat cells of each cell's true mean colour): "
+                             f"{baselines[group]:.3f}")
         if members:
             ax.legend(fontsize=6.5, ncol=2 if len(members) > 8 else 1, loc="upper right")
         else:
@@ -195,8 +198,9 @@ def mixing_figure(views: Sequence[PairView], caption: str = "") -> Figure:
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=7)
-    explain = ("Reconstructions: the hidden cells are model output (per-cell normalised pixels, rescaled by the "
-               "mean and spread of\nthe cells of that image the model was given); every other cell is the input.")
+    explain = ("Reconstructions: each hidden cell is model output (per-cell normalised pixels, rescaled by one mean "
+               "and one spread\npooled over the pixels of that image's cells the model was given); every other "
+               "cell is that image's input pixels.")
     fig.suptitle(f"{caption}\n{explain}" if caption else explain, fontsize=7.5)
     return fig
 

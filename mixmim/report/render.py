@@ -70,7 +70,8 @@ def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "") -> str:
 
 
 def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """For reading: every column ``C`` with ``C_ci_low``/``C_ci_high`` siblings shows ``value (low–high)``."""
+    """For reading: every column ``C`` with ``C_ci_low``/``C_ci_high`` siblings shows ``value (low–high)``,
+    or ``value (no interval)`` when a value has none (the table's notes say why)."""
     out = frame.copy()
     for column in list(frame.columns):
         low, high = f"{column}_ci_low", f"{column}_ci_high"
@@ -80,7 +81,8 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
                 value = "" if pd.isna(value) else str(value)
                 lo = "" if pd.isna(lo) else str(lo)
                 hi = "" if pd.isna(hi) else str(hi)
-                merged.append(f"{value} ({lo}–{hi})" if lo and hi else value)
+                bare = bool(_NUMBER.match(value)) and not (lo and hi)  # a value of ours without its interval
+                merged.append(f"{value} ({lo}–{hi})" if lo and hi else f"{value} (no interval)" if bare else value)
             out[column] = merged
             out = out.drop(columns=[low, high])
     return out

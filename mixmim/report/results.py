@@ -32,7 +32,8 @@ from .. import stats
 from ..records import RECORDS_SUFFIX, read_records
 
 __all__ = [
-    "Comparison", "Estimate", "MEASURES", "Measure", "Result", "Results", "compare", "estimate", "load_results",
+    "Comparison", "Estimate", "MEASURES", "Measure", "Result", "Results", "SCALE_NAMES", "compare", "estimate",
+    "load_results", "pipeline_scale", "scale_name",
 ]
 
 STAGES = ("pretrain", "finetune", "scratch", "probe", "coco", "ade20k")
@@ -82,12 +83,66 @@ def parse_name(stem: str) -> tuple[str, str, int] | None:
     return None
 
 
-class Results:
-    """Every result of every pipeline, grouped by (role, stage, key) over seeds."""
+#: How a pipeline's scale (``tracking.scale`` of its params file, or ``scale`` in a metrics JSON) reads in labels.
+SCALE_NAMES = {"builtin": "built-in scale", "mid": "mid scale", "paper": "paper scale"}
 
-    def __init__(self, results: Iterable[Result], pipelines: Mapping[str, str]) -> None:
+
+def scale_name(scale: str | None) -> str:
+    """``builtin`` -> 'built-in scale'; an unknown name -> '<name> scale'; None -> 'an unrecorded scale'."""
+    if not scale:
+        return "an unrecorded scale"
+    return SCALE_NAMES.get(scale, f"{scale} scale")
+
+
+def pipeline_scale(folder: Path, levels: int = 2) -> str | None:
+    """The scale of the pipeline that writes into a metrics folder: ``tracking.scale`` of the nearest
+    ``params.yaml`` in the folder or up to ``levels`` folders above it (``metrics/`` -> the root
+    params.yaml, ``pipelines/paper/metrics/base/`` -> pipelines/paper/params.yaml). A params file
+    without it means ``builtin`` (the default of :class:`mixmim.params.TrackingParams`); no params
+    file at all gives None."""
+    import yaml
+
+    from ..params import TrackingParams
+
+    here = Path(folder).resolve()
+    for candidate in [here, *here.parents][: levels + 1]:
+        path = candidate / "params.yaml"
+        if path.is_file():
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tracking = data.get("tracking") if isinstance(data, Mapping) else None
+            scale = tracking.get("scale") if isinstance(tracking, Mapping) else None
+            if scale is not None and not isinstance(scale, str):
+                raise ValueError(f"{path}: tracking.scale={scale!r}; expected a name such as 'builtin'")
+            return scale or TrackingParams.scale
+    return None
+
+
+class Results:
+    """Every result of every pipeline, grouped by (role, stage, key) over seeds.
+
+    ``scales`` maps a role to the scale its pipeline runs at (:func:`pipeline_scale`); a metrics
+    JSON with its own ``scale`` overrides it for that result (:meth:`scale_of`).
+    """
+
+    def __init__(self, results: Iterable[Result], pipelines: Mapping[str, str],
+                 scales: Mapping[str, str | None] | None = None) -> None:
         self.pipelines = dict(pipelines)
+        self.scales = dict(scales or {})
         self.all = sorted(results, key=lambda r: (r.role, r.stage, r.key, r.seed))
+
+    def scale_of(self, group: Iterable[Result] = (), role: str | None = None) -> str | None:
+        """The scale of some results (their own ``scale``, else their pipeline's), or of a role's pipeline."""
+        found = []
+        for r in group:
+            own = r.metrics.get("scale")
+            found.append(own if isinstance(own, str) and own else self.scales.get(r.role))
+        if role is not None and not found:
+            found.append(self.scales.get(role))
+        named = list(dict.fromkeys(s for s in found if s))
+        return "+".join(named) if named else None
+
+    def scale_label(self, group: Iterable[Result] = (), role: str | None = None) -> str:
+        return scale_name(self.scale_of(group, role))
 
     def group(self, role: str, stage: str, key: str = "") -> list[Result]:
         """The seeds of one variant, in seed order (empty when it did not run)."""
@@ -96,14 +151,21 @@ class Results:
     def keys(self, role: str, stage: str) -> list[str]:
         return sorted({r.key for r in self.all if r.role == role and r.stage == stage})
 
-    def reason(self, role: str, stage: str, key: str = "") -> str:
-        """Why :meth:`group` is empty, for a table cell."""
+    def absent(self, role: str) -> str:
+        """Why a whole pipeline has no results ('' when it has some): not given, or not run at its scale."""
         if role not in self.pipelines:
             return f"no '{role}' pipeline given to the report"
-        if not any(r.role == role for r in self.all):
-            return f"no results of the {role} pipeline"
+        if any(r.role == role for r in self.all):
+            return ""
+        scale = self.scales.get(role)
+        if scale:
+            return f"{role} pipeline not run at {scale_name(scale)}: no results in its metrics folder"
+        return f"no results of the {role} pipeline"
+
+    def reason(self, role: str, stage: str, key: str = "") -> str:
+        """Why :meth:`group` is empty, for a table cell."""
         name = f"{stage}_{key}" if key else stage
-        return f"no {name}_s*.json in the {role} pipeline's metrics"
+        return self.absent(role) or f"no {name}_s*.json in the {role} pipeline's metrics"
 
 
 def load_results(pipelines: Mapping[str, str | Path], root: str | Path = ".") -> Results:
@@ -127,7 +189,8 @@ def load_results(pipelines: Mapping[str, str | Path], root: str | Path = ".") ->
             if isinstance(metrics.get("seed"), int):
                 seed = metrics["seed"]
             found.append(Result(role, stage, key, seed, path, metrics))
-    return Results(found, {role: str(folder) for role, folder in pipelines.items()})
+    scales = {role: pipeline_scale(Path(root) / folder) for role, folder in pipelines.items()}
+    return Results(found, {role: str(folder) for role, folder in pipelines.items()}, scales)
 
 
 # --------------------------------------------------------------------------- measures

@@ -35,7 +35,8 @@ from typing import Any
 import pandas as pd
 
 from ..stats import DEFAULT_RESAMPLES
-from .results import MEASURES, Comparison, Estimate, Measure, Result, Results, chance_level, compare, estimate
+from .results import (MEASURES, Comparison, Estimate, Measure, Result, Results, chance_level, compare, estimate,
+                      scale_name)
 
 __all__ = [
     "DASH", "PAPER_TABLES", "Context", "Table", "build_tables", "missing", "paper_backbone", "paper_table",
@@ -48,7 +49,7 @@ NOT_IN_PAPER = f"{DASH} (not in the paper)"
 #: The paper's tables this report regenerates: file stem -> (title, one-line description).
 PAPER_TABLES: dict[str, tuple[str, str]] = {
     "table2_in1k_mim": ("Table 2: ImageNet-1K finetuning after MIM pretraining",
-                        "top-1 of the MixMIM-pretrained encoder finetuned on the ImageNet-1K stand-in"),
+                        "top-1 of the MixMIM-pretrained encoder finetuned on ImageNet-1K (or its stand-in at built-in scale)"),
     "table3_same_encoder": ("Table 3: MixMIM on other encoders",
                             "per encoder family, top-1 after MixMIM pretraining vs supervised from scratch"),
     "table4_coco_ade20k": ("Table 4: COCO detection/instance segmentation and ADE20K semantic segmentation",
@@ -71,6 +72,12 @@ CLS_TRANSFER = (("inat2018", "iNat18"), ("inat2019", "iNat19"), ("places205", "P
 
 #: The paper's default pretraining budget per setting (main results: section 3; ablations: section 5).
 PAPER_DEFAULT_EPOCHS = {"main": 600, "ablations": 300}
+
+#: Roles whose folders hold the default pipeline's names for one model size each (the paper pipeline's
+#: metrics/<size>/): ``default`` stands beside the paper row of its model (a CPU-size model: the smallest
+#: MixMIM row), ``large`` and ``huge`` beside the MixMIM-L and MixMIM-H rows.
+SIZE_ROLES = ("default", "large", "huge")
+ROLE_BACKBONE = {"large": "MixMIM-L", "huge": "MixMIM-H"}
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,8 @@ def _count(value: float | None) -> str:
 
 
 def pretrain_group(results: Results, role: str, key: str) -> list[Result]:
-    """The pretraining a result started from: the same variant's in ablations/backbones, the default's otherwise."""
-    return results.group(role, "pretrain", "" if role == "default" else key)
+    """The pretraining a result started from: the same variant's in ablations/backbones, the size's otherwise."""
+    return results.group(role, "pretrain", "" if role in SIZE_ROLES else key)
 
 
 def pretrain_epochs(results: Results, role: str, key: str) -> float | None:
@@ -189,11 +196,12 @@ def pretrain_epochs(results: Results, role: str, key: str) -> float | None:
 
 
 def scale_label(results: Results, group: list[Result], pretrained: bool = True) -> str:
-    """What ran, in one cell: model, input size and budget (from the metrics JSON)."""
+    """What ran, in one cell: the scale, model, input size and budget (from the metrics JSON and pipeline)."""
     if not group:
         return ""
     r = group[0]
-    parts = [str(r.metrics.get("model") or "model ?")]
+    scale = results.scale_of(group)
+    parts = [(f"{scale_name(scale)}: " if scale else "") + str(r.metrics.get("model") or "model ?")]
     overrides = r.metrics.get("model_kwargs")
     if isinstance(overrides, Mapping) and overrides:  # encoder arguments the run changed (decoder's left out)
         words = [f"{k}={overrides[k]}" for k in sorted(overrides) if not str(k).startswith("decoder_")]
@@ -260,6 +268,33 @@ def _stand_in_row(rows: list[tuple[int, str]], model: str) -> int:
     return next((i for i, backbone in rows if backbone == name), rows[0][0])
 
 
+def size_rows(res: Results, rows: list[tuple[int, str]], groups_of: Callable[[str], Sequence[list[Result]]],
+              budget_ok: Callable[[str], bool]) -> dict[int, str]:
+    """Paper row index -> the size role (:data:`SIZE_ROLES`) whose results stand beside it.
+
+    ``rows`` are the MixMIM rows (index, backbone); ``groups_of(role)`` the role's result groups of the
+    table. A role with results takes the row of :data:`ROLE_BACKBONE` (large, huge) or of its model
+    (default; a CPU-size model: the smallest row), if the budget rule places it and no earlier role took it.
+    """
+    placed: dict[int, str] = {}
+    for role in SIZE_ROLES:
+        anchor = next((g for g in groups_of(role) if g), None)
+        if anchor is None or not budget_ok(role):
+            continue
+        if role in ROLE_BACKBONE:
+            target = next((i for i, backbone in rows if backbone == ROLE_BACKBONE[role]), None)
+        else:
+            target = _stand_in_row(rows, str(anchor[0].metrics.get("model", "")))
+        if target is not None and target not in placed:
+            placed[target] = role
+    return placed
+
+
+def unrun_cell(res: Results, backbone: str, role: str = "default") -> str:
+    """The cell of a paper model this suite did not run, naming the scale of the report's results."""
+    return missing(f"{backbone} not run at {res.scale_label(role=role)}")
+
+
 @functools.lru_cache(maxsize=None)
 def _gflops(model: str, img_size: int | None) -> float | None:
     from ..flops import model_info
@@ -279,19 +314,21 @@ def _size(value: float | None) -> str:
 # --------------------------------------------------------------------------- notes
 
 
-def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure) -> str:
+def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure, why: str = "") -> str:
     ests = [ctx.estimate(g, measure) for g in groups if g]
     ests = [e for e in ests if e is not None]
     if not ests:
-        return f"{measure.label}: no result of ours"
+        return f"{measure.label}: no result of ours" + (f" ({why})" if why else "")
     n_val = sorted({e.n_val for e in ests if e.n_val})
     seeds = sorted({e.n_seeds for e in ests})
+    bare = sorted({e.method for e in ests if math.isnan(e.low) or math.isnan(e.high)})
     chance = next((c for g in groups if g for c in [chance_level(g, measure)] if c is not None), None)
     chance_txt = "unknown (no per-image records)" if chance is None else f"{chance:.1f}"
     what = {"classification": "most frequent validation class", "segmentation": "majority-class mIoU",
             }.get(measure.kind, "a detector without signal")
     return (f"{measure.label}: n = {', '.join(map(str, n_val)) or '?'} validation images, "
-            f"{', '.join(map(str, seeds))} seed(s) per variant; chance level ({what}) = {chance_txt}")
+            f"{', '.join(map(str, seeds))} seed(s) per variant; chance level ({what}) = {chance_txt}"
+            + (f"; values shown with 'no interval': {', '.join(bare)}" if bare else ""))
 
 
 def standard_note(ctx: Context) -> str:
@@ -390,12 +427,13 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
             elif not res.group("backbones", stage, family):
                 text = missing(res.reason("backbones", stage, family))
             else:
-                text = missing(f"{r.backbone} not run at built-in scale")
+                text = unrun_cell(res, r.backbone, "backbones")
             row.update(blank_cells("top1", text, "scratch"))
             row["scale_ours"] = ""
         rows.append(row)
     fams = sorted({f for f, _ in groups})
-    notes = (_n_note(ctx, [res.group("backbones", s, f) for f in fams for s in ("finetune", "scratch")], top1),
+    notes = (_n_note(ctx, [res.group("backbones", s, f) for f in fams for s in ("finetune", "scratch")], top1,
+                     res.absent("backbones")),
              "top1_*_vs_scratch (MixMIM rows): the same encoder trained from scratch with the same finetuning "
              "budget (pipelines/backbones).", standard_note(ctx))
     return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), notes)
@@ -421,46 +459,55 @@ def table13(ctx: Context) -> Table:
 # --------------------------------------------------------------------------- Table 4
 
 
+def _main_budget(res: Results, role: str) -> tuple[int | None, str]:
+    """The paper budget a size role's runs stand beside: its own pretraining is its default (1x -> 600)."""
+    pre = pretrain_epochs(res, role, "")
+    return place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], [PAPER_DEFAULT_EPOCHS["main"]])
+
+
 def table4(ctx: Context) -> Table:
     res = ctx.results
     paper = paper_table("table4_coco_ade20k")
-    coco, ade = res.group("default", "coco"), res.group("default", "ade20k")
-    coco_s, ade_s = res.group("default", "scratch", "coco"), res.group("default", "scratch", "ade20k")
-    pre = pretrain_epochs(res, "default", "")
-    budget, why = place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], [600])
-    model = str((coco or ade)[0].metrics.get("model", "")) if coco or ade else ""
     mixmim = [(int(i), r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
-    target = _stand_in_row(mixmim, model) if (coco or ade) and budget else None
+    targets = size_rows(res, mixmim, lambda role: (res.group(role, "coco"), res.group(role, "ade20k")),
+                        lambda role: _main_budget(res, role)[0] is not None)
     rows = []
     for i, r in paper.iterrows():
         row = {"method": r.method, "backbone": r.backbone, "pretrain_epochs_paper": r.pretrain_epochs,
                "COCO GFLOPs (paper's model)": r.coco_flops_g, "COCO params M (paper's model)": r.coco_params_m,
                "ADE GFLOPs (paper's model)": r.ade_flops_g, "ADE params M (paper's model)": r.ade_params_m,
                "ap_box_paper": r.ap_box, "ap_mask_paper": r.ap_mask, "miou_paper": r.miou}
-        if int(i) == target:
+        role = targets.get(int(i))
+        if role is not None:
+            coco, ade = res.group(role, "coco"), res.group(role, "ade20k")
+            coco_s, ade_s = res.group(role, "scratch", "coco"), res.group(role, "scratch", "ade20k")
             for prefix, group, other in (("ap_box", coco, coco_s), ("ap_mask", coco, coco_s), ("miou", ade, ade_s)):
                 stage = "coco" if prefix != "miou" else "ade20k"
-                row.update(ours_cells(ctx, prefix, group, MEASURES[prefix], res.reason("default", stage)))
+                row.update(ours_cells(ctx, prefix, group, MEASURES[prefix], res.reason(role, stage)))
                 row.update(versus_cells(ctx, prefix, "scratch", group, other, MEASURES[prefix]))
             row["COCO GFLOPs (our model)"] = _size(_num(coco[0] if coco else None, "model_gflops"))
             row["COCO params M (our model)"] = _size(_num(coco[0] if coco else None, "model_params_m"))
             row["ADE GFLOPs (our model)"] = _size(_num(ade[0] if ade else None, "model_gflops"))
             row["ADE params M (our model)"] = _size(_num(ade[0] if ade else None, "model_params_m"))
             row["scale_ours"] = "; ".join(dict.fromkeys(s for s in (scale_label(res, coco), scale_label(res, ade)) if s))
+            budget, why = _main_budget(res, role)
+            for name, group in (("coco", coco), ("ade20k", ade)):
+                if group:
+                    ctx.record("table4", role, name, group, f"{_count(pretrain_epochs(res, role, ''))} pretrain epochs",
+                               f"{r.backbone}, {budget} epochs", why)
         else:
-            text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else missing(
-                f"{r.backbone} not run at built-in scale" if (coco or ade) else res.reason("default", "coco"))
+            text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else (
+                unrun_cell(res, r.backbone) if targets else missing(res.reason("default", "coco")))
             for prefix in ("ap_box", "ap_mask", "miou"):
                 row.update(blank_cells(prefix, text, "scratch"))
             for name in ("COCO GFLOPs", "COCO params M", "ADE GFLOPs", "ADE params M"):
                 row[f"{name} (our model)"] = ""
             row["scale_ours"] = ""
         rows.append(row)
-    for name, group in (("coco", coco), ("ade20k", ade)):
-        if group:
-            ctx.record("table4", "default", name, group, f"{_count(pre)} pretrain epochs",
-                       f"MixMIM-B, {budget} epochs" if target is not None else "none", why)
-    notes = (_n_note(ctx, [coco, coco_s], MEASURES["ap_box"]), _n_note(ctx, [ade, ade_s], MEASURES["miou"]),
+    shown = [targets[i] for i in sorted(targets)] or ["default"]
+    coco_groups = [g for role in shown for g in (res.group(role, "coco"), res.group(role, "scratch", "coco"))]
+    ade_groups = [g for role in shown for g in (res.group(role, "ade20k"), res.group(role, "scratch", "ade20k"))]
+    notes = (_n_note(ctx, coco_groups, MEASURES["ap_box"]), _n_note(ctx, ade_groups, MEASURES["miou"]),
              "*_vs_scratch: the same detector/segmentor from random initialisation (metrics/scratch_coco, "
              "metrics/scratch_ade20k). Our GFLOPs/params: the dense model each run trained, at its input size, "
              "as the run counted it (model_gflops/model_params_m in its metrics JSON).", standard_note(ctx))
@@ -480,61 +527,74 @@ def _at_chance(ctx: Context, group: list[Result], measure: Measure) -> bool:
     return low <= chance
 
 
+def _average_cell(ctx: Context, groups: Mapping[str, list[Result]], measure: Measure) -> str:
+    """Mean of a row's "ours" values, leaving out (and naming) any at or below chance or without a value."""
+    values: list[float] = []
+    excluded, unknown, absent = [], [], []
+    for name, group in groups.items():
+        est = ctx.estimate(group, measure) if group else None
+        if est is None:
+            absent.append(name)
+        elif _at_chance(ctx, group, measure):
+            excluded.append(name)
+        else:
+            values.append(est.value)
+            if chance_level(group, measure) is None:
+                unknown.append(name)
+    if not values:
+        return missing("no transfer result above chance")
+    cell = f"{sum(values) / len(values):.1f}"
+    if excluded:
+        cell += f" (excludes {', '.join(excluded)}: at or below chance)"
+    if absent:
+        cell += f" (excludes {', '.join(absent)}: not run)"
+    if unknown:
+        cell += f" (includes {', '.join(unknown)}: chance level unknown, no per-image records)"
+    return cell
+
+
 def table5(ctx: Context) -> Table:
     res = ctx.results
     top1 = MEASURES["top1"]
     paper = paper_table("table5_cls_transfer")
-    groups = {name: res.group("default", "finetune", name) for name, _ in CLS_TRANSFER}
-    pre = pretrain_epochs(res, "default", "")
-    budget, why = place_budget(pre, pre, PAPER_DEFAULT_EPOCHS["main"], [600])
-    anchor = next((g for g in groups.values() if g), [])
     mixmim = [(int(i), r.backbone) for i, r in paper.iterrows() if r.method == "MixMIM"]
-    target = _stand_in_row(mixmim, str(anchor[0].metrics.get("model", ""))) if anchor and budget else None
+
+    def groups_of(role: str) -> dict[str, list[Result]]:
+        return {name: res.group(role, "finetune", name) for name, _ in CLS_TRANSFER}
+
+    targets = size_rows(res, mixmim, lambda role: list(groups_of(role).values()),
+                        lambda role: _main_budget(res, role)[0] is not None)
     rows = []
-    excluded: list[str] = []
-    unknown: list[str] = []
     for i, r in paper.iterrows():
         row: dict[str, str] = {"method": r.method, "backbone": r.backbone, "GFLOPs (paper's model)": r.flops_g,
                                "params M (paper's model)": r.params_m}
-        values: list[float] = []
+        role = targets.get(int(i))
+        groups = groups_of(role) if role is not None else {}
         for name, label in CLS_TRANSFER:
             row[f"{name}_paper"] = r[name]
-            group = groups[name]
-            if int(i) == target:
-                row.update(ours_cells(ctx, name, group, top1, res.reason("default", "finetune", name)))
-                row.update(versus_cells(ctx, name, "scratch", group, res.group("default", "scratch", name), top1))
-                est = ctx.estimate(group, top1) if group else None
-                if est is not None:
-                    if _at_chance(ctx, group, top1):
-                        excluded.append(name)
-                    else:
-                        values.append(est.value)
-                        if chance_level(group, top1) is None:
-                            unknown.append(name)
+            if role is not None:
+                group = groups[name]
+                row.update(ours_cells(ctx, name, group, top1, res.reason(role, "finetune", name)))
+                row.update(versus_cells(ctx, name, "scratch", group, res.group(role, "scratch", name), top1))
             else:
-                text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else missing(
-                    f"{r.backbone} not run at built-in scale")
+                text = missing(f"{r.method} not reproduced") if r.method != "MixMIM" else (
+                    unrun_cell(res, r.backbone) if targets else missing(res.reason("default", "finetune", name)))
                 row.update(blank_cells(name, text, "scratch"))
         row["average_paper"] = r.average
-        if int(i) != target:
-            row["average_ours"] = row["inat2018_ours"]
-        elif values:
-            row["average_ours"] = f"{sum(values) / len(values):.1f}"
-            if excluded:
-                row["average_ours"] += f" (excludes {', '.join(excluded)}: at or below chance)"
-            if unknown:
-                row["average_ours"] += f" (includes {', '.join(unknown)}: chance level unknown, no per-image records)"
-        else:
-            row["average_ours"] = missing("no transfer result above chance")
-        row["scale_ours"] = "; ".join(dict.fromkeys(scale_label(res, g) for g in groups.values() if g)) \
-            if int(i) == target else ""
+        row["average_ours"] = _average_cell(ctx, groups, top1) if role is not None else row["inat2018_ours"]
+        row["scale_ours"] = "; ".join(dict.fromkeys(scale_label(res, g) for g in groups.values() if g))
         rows.append(row)
-    for name, group in groups.items():
-        if group:
-            ctx.record("table5", "default", f"finetune_{name}", group, f"{_count(pre)} pretrain epochs",
-                       f"MixMIM-B, {budget} epochs" if target is not None else "none", why)
-    notes = (_n_note(ctx, list(groups.values()), top1),
-             "average_ours excludes any dataset whose interval reaches its chance level and names it.",
+        if role is not None:
+            budget, why = _main_budget(res, role)
+            for name, group in groups.items():
+                if group:
+                    ctx.record("table5", role, f"finetune_{name}", group,
+                               f"{_count(pretrain_epochs(res, role, ''))} pretrain epochs",
+                               f"{r.backbone}, {budget} epochs", why)
+    shown = [targets[i] for i in sorted(targets)] or ["default"]
+    notes = (_n_note(ctx, [res.group(role, "finetune", n) for role in shown for n, _ in CLS_TRANSFER], top1),
+             "average_ours excludes any dataset whose interval reaches its chance level (or that did not run) "
+             "and names it.",
              "*_vs_scratch: the same encoder and budget from random initialisation (metrics/scratch_<dataset>).",
              standard_note(ctx))
     return Table("table5_cls_transfer", *PAPER_TABLES["table5_cls_transfer"], pd.DataFrame(rows), notes)
@@ -584,7 +644,7 @@ def _ablation_cells(ctx: Context, variant: str | None, paper: Mapping[str, str],
 
 def _ablation_notes(ctx: Context, variants: Sequence[str]) -> tuple[str, ...]:
     res = ctx.results
-    notes = [_n_note(ctx, [res.group("ablations", s, v) for v in variants], MEASURES[m])
+    notes = [_n_note(ctx, [res.group("ablations", s, v) for v in variants], MEASURES[m], res.absent("ablations"))
              for m, s in _ablation_measures(res)]
     notes += ["*_vs_default: each variant against the ablations pipeline's default variant on the same "
               "validation images.", standard_note(ctx)]
@@ -668,7 +728,8 @@ def table9(ctx: Context) -> Table:
     for _, r in paper.iterrows():
         variant = assigned.get(int(r.pretrain_epochs))
         epochs = pretrain_epochs(res, "ablations", variant) if variant else None
-        why = f"no variant at {int(r.pretrain_epochs) / PAPER_DEFAULT_EPOCHS['ablations']:g}x our default budget"
+        why = (f"no variant at {int(r.pretrain_epochs) / PAPER_DEFAULT_EPOCHS['ablations']:g}x our default budget"
+               if not res.absent("ablations") else res.absent("ablations"))
         rows.append({"pretrain_epochs_paper": r.pretrain_epochs, "pretrain_epochs_ours": _count(epochs)
                      if variant else "", **_ablation_cells(ctx, variant, r, "table9",
                                                            f"{r.pretrain_epochs} epochs", why)})
