@@ -301,6 +301,9 @@ def test_loss_curves_band_over_seeds() -> None:
     ax = fig.axes[0]
     assert len(ax.collections) == 1  # the band
     assert any(list(line.get_ydata()) == [0.9, 0.9] for line in ax.lines)  # the predict-the-mean level
+    assert "band: min-max over seeds" in fig.get_suptitle()
+    single = figs.loss_curves_figure([figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6])], "default")])
+    assert "no band" in single.get_suptitle() and not single.axes[0].collections
 
 
 def test_perfect_prediction_reconstructs_the_image() -> None:

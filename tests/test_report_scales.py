@@ -346,3 +346,17 @@ def test_a_value_without_an_interval_says_so(tmp_path: Path) -> None:
     t5 = _row(_frame(tables, "table5_cls_transfer"), backbone="MixMIM-B")
     assert _number(t5["inat2019_ours"]) == 50.0 and _number(t5["inat2019_ours_ci_low"]) < 50.0
     assert t5["average_ours"] == "50.0 (excludes inat2018, places205, places365: not run)"
+
+
+def test_readme_lists_each_pipelines_scale_and_why_it_is_empty(tmp_path: Path) -> None:
+    from mixmim.report import build_report
+
+    _params(tmp_path, "builtin")
+    _params(tmp_path / "abl", "mid")
+    _default_results(tmp_path)
+    build_report({"default": "metrics", "ablations": "abl/metrics"}, out_dir=tmp_path / "out", root=tmp_path,
+                 resamples=RESAMPLES)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "- default: `metrics` (built-in scale), 2 result file(s)" in readme
+    assert ("- ablations: `abl/metrics` (mid scale), 0 result file(s); ablations pipeline not run at mid scale"
+            in readme)

@@ -208,7 +208,8 @@ def _readme(tables: list[Table], drawn: list[str], skipped: Mapping[str, str], r
     lines += ["Results read (one metrics file per stage and seed):", ""]
     for role, folder in results.pipelines.items():
         count = len([r for r in results.all if r.role == role])
-        lines.append(f"- {role}: `{folder}`, {count} result file(s)")
+        lines.append(f"- {role}: `{folder}` ({results.scale_label(role=role)}), {count} result file(s)"
+                     + (f"; {results.absent(role)}" if not count else ""))
     lines += ["", "Policy: every value is the last epoch's (never the best epoch's). Columns `<m>_paper` hold the "
               "paper's numbers as printed; `<m>_ours` this suite's value with its 95% interval "
               "(`_ci_low`/`_ci_high` in the CSV, in brackets in Markdown/LaTeX), `n_val` validation images and "

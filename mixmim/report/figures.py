@@ -170,7 +170,9 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
         ax.set_ylabel("reconstruction loss (normalised pixels)")
         ax.grid(True, alpha=0.25)
         ax.set_title(f"{group} pipeline" if group else "", fontsize=9)
-    fig.suptitle(title + "; band: min-max over seeds", fontsize=10)
+    banded = any(len(c.seeds) > 1 for c in curves)
+    fig.suptitle(title + ("; band: min-max over seeds" if banded else "; one seed per variant (no band)"),
+                 fontsize=10)
     return fig
 
 
