@@ -171,8 +171,8 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
         ax.grid(True, alpha=0.25)
         ax.set_title(f"{group} pipeline" if group else "", fontsize=9)
     banded = any(len(c.seeds) > 1 for c in curves)
-    fig.suptitle(title + ("; band: min-max over seeds" if banded else "; one seed per variant (no band)"),
-                 fontsize=10)
+    fig.suptitle(title + ("\nband: min-max over seeds" if banded else "\none seed per variant (no band)"),
+                 fontsize=10)  # two lines: a one-panel figure is too narrow for both on one
     return fig
 
 
