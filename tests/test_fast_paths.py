@@ -112,9 +112,30 @@ def test_reorder_tokens_round_trip_and_gradient():
     torch.testing.assert_close(gx, gy)
 
 
+def test_restricted_plan_has_one_segment_per_group_of_each_window():
+    grid, window = (8, 8), (4, 4)
+    groups = torch.zeros(1, 64)
+    groups[0, :20] = 1  # rows 0-1 and 4 tokens of row 2 (row-major) in group 1
+    plan = attention_plan(grid, window, groups)
+    sizes = [e - s for s, e in plan.segments]
+    # window 0: 4 of group 0, then 12 of group 1; window 1: 8 and 8; windows 2 and 3: group 0 only
+    assert sizes == [4, 12, 8, 8, 16, 16]
+    assert [i.numel() for i in plan.segment_index] == [n * n for n in sizes]
+    # every segment holds one group of one window
+    rows = plan.order // 8
+    cols = plan.order % 8
+    win = (rows // 4) * 2 + cols // 4
+    for s, e in plan.segments:
+        assert win[s:e].unique().numel() == 1 and groups[0, plan.order[s:e]].unique().numel() == 1
+    assert sorted(plan.order.tolist()) == list(range(64))
+    kept = attention_plan(grid, window, groups, split_windows=False)
+    assert kept.segments is None and kept.group_bias is not None
+
+
 @pytest.mark.parametrize("grid,window", [((8, 8), (4, 4)), ((8, 8), (8, 8))])
 @pytest.mark.parametrize("restrict", [False, True])
-def test_block_in_plan_order_matches_plain_windows(plain_paths, grid, window, restrict):
+@pytest.mark.parametrize("split_windows", [True, False])
+def test_block_in_plan_order_matches_plain_windows(plain_paths, grid, window, restrict, split_windows):
     """A block on tokens in plan order (training route) equals the same block on row-major
     tokens with the fused attention and, when restricted, a -inf group bias."""
     torch.manual_seed(0)
@@ -123,9 +144,9 @@ def test_block_in_plan_order_matches_plain_windows(plain_paths, grid, window, re
         blk.attn.rel_pos_table.normal_()
     x = torch.randn(3, grid[0] * grid[1], 16, requires_grad=True)
     groups = (torch.rand(1, grid[0] * grid[1]) < 0.5).float() if restrict else None
-    plan = attention_plan(grid, blk.window, groups)
-    if restrict and plan.num_windows == 1:
-        assert plan.segments is not None and len(plan.segments) == 2
+    plan = attention_plan(grid, blk.window, groups, split_windows=split_windows)
+    if restrict and (split_windows or plan.num_windows == 1):
+        assert plan.segments is not None and len(plan.segments) >= 2 * plan.num_windows - 1
     out = reorder_tokens(blk(reorder_tokens(x, None, plan.order), plan), plan.order, None)
     gy = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, blk.attn.rel_pos_table, blk.attn.qkv.weight], gy)

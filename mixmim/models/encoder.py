@@ -230,7 +230,8 @@ class MixMIMEncoder(nn.Module):
             order = None
             for blk in stage.blocks:
                 if blk.window not in plans:
-                    plans[blk.window] = attention_plan(stage.grid, blk.window, m if restrict else None, x.dtype)
+                    plans[blk.window] = attention_plan(stage.grid, blk.window, m if restrict else None, x.dtype,
+                                                       split_windows=x.device.type == "cpu")
                 plan = plans[blk.window]
                 x = reorder_tokens(x, order, plan.order)
                 order = plan.order

@@ -9,11 +9,11 @@ Speed notes (the numerics are those of the plain formulation):
   they are ``F.linear``.
 - The encoder hands every block its tokens already in attention order (see
   :class:`AttentionPlan`), so blocks never partition or reverse windows.
-- Group-restricted attention over a whole-map window is computed per group: the
-  tokens are sorted by group once per stage and each group attends only to itself,
-  which skips the masked half of the scores instead of computing and masking it.
-  Smaller windows use one additive bias (relative position + group, -inf across
-  groups) per block.
+- Group-restricted attention is computed per group of each window: the tokens are
+  sorted by window and by group inside each window once per stage, and each such
+  segment attends only to itself, which skips the masked part of the scores instead of
+  computing and masking it (off the CPU, windows smaller than the map keep one additive
+  bias per block: relative position + group, -inf across groups).
 - Training on the CPU writes the attention out (scores, in-place bias, softmax);
   elsewhere it goes through ``F.scaled_dot_product_attention``.
 """
@@ -278,10 +278,10 @@ class AttentionPlan:
     """How the blocks of one stage (with one window size) see their tokens.
 
     ``order`` lists row-major token positions in the order the blocks receive them
-    (None: row-major). With ``segments`` (group-restricted attention over a window that
-    covers the whole map) the tokens are sorted by group and each ``(start, end)``
-    range attends only to itself; ``segment_index`` holds each range's flattened
-    relative-position indices. Otherwise the tokens are grouped by window
+    (None: row-major). With ``segments`` (group-restricted attention) the tokens are
+    sorted by window and, inside each window, by group, and each ``(start, end)`` range
+    (one group of one window) attends only to itself; ``segment_index`` holds each range's
+    flattened relative-position indices. Otherwise the tokens are grouped by window
     (``num_windows`` consecutive runs of ``window`` area) and ``group_bias``
     (nW, 1, N, N), when given, is added to the scores: 0 within a group, -inf across.
     """
@@ -303,28 +303,42 @@ class AttentionPlan:
 
 
 def attention_plan(grid: Size2, window: Size2, groups: Tensor | None = None,
-                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
+                   dtype: torch.dtype = torch.float32, split_windows: bool = True) -> AttentionPlan:
     """The plan for blocks with ``window`` on a ``grid`` map; ``groups`` (1, H*W) restricts
-    attention to tokens of the same group (the mixing mask at this resolution)."""
+    attention to tokens of the same group (the mixing mask at this resolution).
+
+    With ``groups``, a window that covers the whole map is always split into one segment per
+    group. Smaller windows are split into one segment per (window, group) when
+    ``split_windows`` (tokens sorted by window, then by group inside it), otherwise they
+    keep one additive -inf bias per window (one fused kernel for all windows, for devices
+    where many small segments cost more than the masked scores)."""
     h, w = grid
     nw = (h // window[0]) * (w // window[1])
     device = groups.device if groups is not None else None
-    if groups is not None and nw == 1:
-        g = groups.reshape(-1)
-        order = torch.argsort(g, stable=True)
-        sizes = [int((g == value).sum()) for value in torch.unique(g, sorted=True).tolist()]
-        rel = relative_position_index(window).to(device)[order][:, order]
-        segments, index, start = [], [], 0
-        for size in sizes:
-            segments.append((start, start + size))
-            index.append(rel[start:start + size, start:start + size].reshape(-1))
-            start += size
-        return AttentionPlan(window, 1, order, segments=segments, segment_index=index)
     order = None
     if nw > 1:
         order = window_partition(torch.arange(h * w, device=device).view(1, -1, 1), grid, window).reshape(-1)
-    bias = group_attention_bias(groups, grid, window, dtype) if groups is not None else None
-    return AttentionPlan(window, nw, order, group_bias=bias)
+    if groups is None or (nw > 1 and not split_windows):
+        bias = group_attention_bias(groups, grid, window, dtype) if groups is not None else None
+        return AttentionPlan(window, nw, order, group_bias=bias)
+    n = window[0] * window[1]
+    values, rank = torch.unique(groups.reshape(-1), sorted=True, return_inverse=True)
+    if order is not None:
+        rank = rank[order]  # group rank of each token in window order
+    key = torch.arange(nw, device=device).repeat_interleave(n) * len(values) + rank
+    perm = torch.argsort(key, stable=True)  # window order -> (window, group) order
+    counts = torch.bincount(key, minlength=nw * len(values)).tolist()
+    local = (perm % n).tolist()  # each sorted token's position inside its window
+    rel = relative_position_index(window).to(device)
+    segments, index, start = [], [], 0
+    for size in counts:
+        if size == 0:
+            continue
+        pos = torch.tensor(local[start:start + size], device=device)
+        segments.append((start, start + size))
+        index.append(rel[pos][:, pos].reshape(-1))
+        start += size
+    return AttentionPlan(window, nw, perm if order is None else order[perm], segments=segments, segment_index=index)
 
 
 class _ReorderTokens(torch.autograd.Function):
