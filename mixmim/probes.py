@@ -304,44 +304,34 @@ def probe_model(cfg: ProbeConfig) -> nn.Module:
 
 def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     """Features of the train and val splits, k-NN and linear probe; one MLflow run with the results."""
-    from pathlib import Path
-
-    from .engine.config import FinetuneConfig, to_dict
+    from .engine.config import FinetuneConfig
     from .engine.loaders import classification_split
-    from .engine.distributed import DistInfo, resolve_device
     from .engine.engine_finetune import input_size
-    from .engine.engine_pretrain import RUN_REF
-    from .engine.runner import open_tracker, run_params
-    from .tracking import PRETRAIN_RUN_TAG, read_run_ref
+    from .engine.runner import engine_run, init_tags
 
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size}; expected a positive batch size")
     cfg = resolve_architecture(cfg)
-    info = DistInfo(device=resolve_device(cfg.device, 0))
-    model = probe_model(cfg).to(info.device)
-    size = input_size(FinetuneConfig(model=cfg.model, model_kwargs=dict(cfg.model_kwargs), img_size=cfg.img_size))
-    tf = eval_transform(size, cfg.crop_pct)
-    train = classification_split(cfg.dataset, cfg.data_root, "train", tf, cfg.skip_bad_images)
-    val = classification_split(cfg.dataset, cfg.data_root, "val", tf, cfg.skip_bad_images)
-    fn = feature_fn(model)
-    xtr, ytr = extract_features(fn, train, cfg.batch_size, info.device,
-                                subset_indices(len(train), cfg.max_train, cfg.seed), cfg.num_workers)
-    xva, yva = extract_features(fn, val, cfg.batch_size, info.device, num_workers=cfg.num_workers)
-    num_classes = int(max(ytr.max(), yva.max())) + 1
-    knn = knn_probe(xtr, ytr, xva, yva, cfg.knn_k, cfg.knn_temperature, num_classes)
-    lin = linear_probe(xtr, ytr, xva, yva, num_classes, cfg.linear_steps, cfg.linear_weight_decay, cfg.seed)
+    with engine_run(cfg, distributed=False, outputs=False) as run:  # one process; nothing written but MLflow
+        device = run.info.device
+        model = probe_model(cfg).to(device)
+        size = input_size(FinetuneConfig(model=cfg.model, model_kwargs=dict(cfg.model_kwargs), img_size=cfg.img_size))
+        tf = eval_transform(size, cfg.crop_pct)
+        train = classification_split(cfg.dataset, cfg.data_root, "train", tf, cfg.skip_bad_images)
+        val = classification_split(cfg.dataset, cfg.data_root, "val", tf, cfg.skip_bad_images)
+        fn = feature_fn(model)
+        xtr, ytr = extract_features(fn, train, cfg.batch_size, device,
+                                    subset_indices(len(train), cfg.max_train, cfg.seed), cfg.num_workers)
+        xva, yva = extract_features(fn, val, cfg.batch_size, device, num_workers=cfg.num_workers)
+        num_classes = int(max(ytr.max(), yva.max())) + 1
+        knn = knn_probe(xtr, ytr, xva, yva, cfg.knn_k, cfg.knn_temperature, num_classes)
+        lin = linear_probe(xtr, ytr, xva, yva, num_classes, cfg.linear_steps, cfg.linear_weight_decay, cfg.seed)
 
-    tags = {"mixmim.stage": "probe", "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset,
-            "mixmim.init": cfg.init or "random"}
-    ref = Path(cfg.init).parent / RUN_REF if cfg.init else None
-    if ref is not None and ref.is_file():
-        tags[PRETRAIN_RUN_TAG] = read_run_ref(ref)["run_id"]
-    result = {"knn_top1": knn.top1, "linear_top1": lin.top1, "n_val": knn.n, "n_train": int(ytr.shape[0]),
-              "feature_dim": int(xtr.shape[1]), "num_classes": num_classes}
-    with open_tracker(cfg, info, f"probe/{cfg.dataset}", tags) as tracker:
-        tracker.log_params(run_params(cfg, {"img_size": size}))
-        tracker.log_dict(to_dict(cfg), "config.yaml")
-        tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=0)
+        result = {"knn_top1": knn.top1, "linear_top1": lin.top1, "n_val": knn.n, "n_train": int(ytr.shape[0]),
+                  "feature_dim": int(xtr.shape[1]), "num_classes": num_classes}
+        tags = {**init_tags(cfg, "probe", cfg.dataset), "mixmim.init": cfg.init or "random"}
+        with run.tracking(f"probe/{cfg.dataset}", tags, {"img_size": size}) as tracker:
+            tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=0)
     return {**result, "knn": knn, "linear": lin, "run_id": tracker.run_id, "model": cfg.model}
 
 

@@ -20,12 +20,11 @@ from .config import ConfigError, FinetuneConfig
 from .loaders import (
     SeededDataset, ShardSampler, classification_split, finetune_transform, linear_probe_transform, make_loader,
 )
-from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum
 from .loop import autocast_dtype
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import (
-    build_loop, init_tags, log_run_config, open_tracker, output_dir, per_rank_seed, periodic, save_final,
-    seed_everything, train_data, wrap_model,
+    build_loop, close_last_epoch, engine_run, init_tags, periodic, save_final, train_data, wrap_model,
 )
 
 FINETUNE_WEIGHTS = "finetune.pt"
@@ -159,9 +158,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a finetuning; returns the history, final and best accuracy, the run id."""
     if cfg.eval_every < 0:
         raise ConfigError(f"eval_every={cfg.eval_every}: expected 0 (final evaluation only) or a number of epochs")
-    info = init_distributed(cfg.device)
-    try:
-        out = output_dir(cfg)
+    with engine_run(cfg) as run:
+        info, out = run.info, run.out
         probe = cfg.linear_probe
         img_size = input_size(cfg)
         train_tf = linear_probe_transform(img_size) if probe else finetune_transform(
@@ -172,9 +170,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                        finetune_transform(img_size, False, None, 0.0, cfg.crop_pct),
                                        cfg.skip_bad_images, cfg.class_list)
         num_classes = train_set.num_classes
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg, num_classes)
-        seed_everything(per_rank_seed(cfg.seed, info))
+        model = run.build(lambda: build_model(cfg, num_classes))
         data = train_data(train_set, cfg, cfg.batch_size, info)
         val_loader = make_loader(SeededDataset(val_set, cfg.seed), ShardSampler(len(val_set), info.rank, info.world_size),
                                  cfg.eval_batch_size or cfg.batch_size, cfg.num_workers,
@@ -212,12 +208,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         periodic_evaluate = periodic(lambda m: evaluate(m, val_loader, info, cfg.precision), cfg.eval_every,
                                      cfg.epochs, lambda: loop)
 
-        with open_tracker(cfg, info, f"{stage}/{cfg.dataset}", tags) as tracker:
-            derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
-                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
-                       "num_classes": num_classes, "train_images": len(train_set),
-                       "val_images": len(val_set)}
-            log_run_config(tracker, cfg, derived)
+        derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
+                   "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps, "num_classes": num_classes,
+                   "train_images": len(train_set), "val_images": len(val_set)}
+        with run.tracking(f"{stage}/{cfg.dataset}", tags, derived) as tracker:
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
                               evaluate=periodic_evaluate)
@@ -225,12 +219,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             final = evaluate(model, val_loader, info, cfg.precision, records=True)
             result = {"top1": final["val_top1"], "top5": final["val_top5"], "val_loss": final["val_loss"],
                       "best_top1": max([h["val_top1"] for h in history if "val_top1" in h] + [final["val_top1"]])}
-            if history:  # the last epoch's validation is the final evaluation (not run twice)
-                history[-1].update({k: final[k] for k in ("val_top1", "val_top5", "val_loss") if k in final})
+            close_last_epoch(history, {k: final[k] for k in ("val_top1", "val_top5", "val_loss")}, tracker)
             tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, step=history[-1]["step"] if history else 0)
             save_final(model, cfg, out / FINETUNE_WEIGHTS, f"mixmim_{stage}", tracker, info)
             # the reported epoch is the last one; its per-image records back the report's intervals
             return {"history": history, **result, "run_id": tracker.run_id, "n_val": len(val_set),
                     "val_labels": final["val_labels"], "val_preds": final["val_preds"]}
-    finally:
-        cleanup(info)

@@ -10,13 +10,9 @@ from ..models import build_pretrainer
 from ..models.registry import TIMM_DEFAULT_IMG_SIZE, model_family
 from .config import PretrainConfig
 from .loaders import classification_split, pretrain_transform
-from .distributed import cleanup, init_distributed
 from .optim import build_adamw, build_cosine_schedule, scaled_lr
 from .runner import RUN_REF  # noqa: F401  (re-exported: the run reference's file name)
-from .runner import (
-    build_loop, log_run_config, open_tracker, output_dir, per_rank_seed, save_final, seed_everything, train_data,
-    wrap_model,
-)
+from .runner import build_loop, engine_run, save_final, train_data, wrap_model
 
 PRETRAIN_WEIGHTS = "pretrain.pt"
 BASELINE_IMAGES = 2048  # training images (a seeded subset when there are more) behind mean_loss_baseline
@@ -110,12 +106,9 @@ def online_knn(cfg: PretrainConfig, img_size: int, device: torch.device) -> Any:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining; returns the epoch history and the run id."""
-    info = init_distributed(cfg.device)
-    try:
-        out = output_dir(cfg)
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
-        seed_everything(per_rank_seed(cfg.seed, info))
+    with engine_run(cfg) as run:
+        info, out = run.info, run.out
+        model = run.build(lambda: build_model(cfg))
         img_size = (getattr(model, "img_size", None) or model.encoder.img_size)[0]  # a timm adapter's, or MixMIM's
         dataset = classification_split(cfg.dataset, cfg.data_root, "train",
                                        pretrain_transform(img_size, cfg.crop_scale), cfg.skip_bad_images,
@@ -139,11 +132,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             return knn(m, len(loop.history) + 1) if info.is_main else {}
 
         tags = {"mixmim.stage": "pretrain", "mixmim.model": cfg.model, "mixmim.dataset": cfg.dataset}
-        with open_tracker(cfg, info, "pretrain", tags) as tracker:
-            derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
-                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps,
-                       "train_images": len(dataset)}
-            log_run_config(tracker, cfg, derived)
+        derived = {"lr": lr, "effective_batch": effective_batch, "world_size": info.world_size,
+                   "steps_per_epoch": data.steps_per_epoch, "total_steps": total_steps, "train_images": len(dataset)}
+        with run.tracking("pretrain", tags, derived) as tracker:
             loop = build_loop(cfg, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                               data=data, info=info, out=out, tracker=tracker, loss_fn=loss_fn, epochs=cfg.epochs,
                               evaluate=evaluate if knn is not None else None)
@@ -158,5 +149,3 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 if history:
                     tracker.log_metrics({"final/train_loss": history[-1]["train_loss"]}, step=history[-1]["step"])
             return {"history": history, "run_id": tracker.run_id, "weights": str(out / PRETRAIN_WEIGHTS), **extra}
-    finally:
-        cleanup(info)

@@ -1,13 +1,24 @@
-"""Set-up shared by the engines: seeding, wrapping for DDP / compile, the data loop, tracking."""
+"""What every engine shares, so each reads top to bottom as set up -> build -> loop -> evaluate -> save:
+
+* **set up**: :func:`engine_run` joins the process group (torchrun) or describes one process, makes
+  the output folder, and leaves the group at the end; :meth:`EngineRun.build` builds the model under
+  the run's seed (identical initial weights on every rank) and then seeds each rank's own randomness;
+  :meth:`EngineRun.tracking` opens the MLflow run (reopening an interrupted one on resume) and logs
+  the config and derived values;
+* **loop**: :func:`train_data` (seeded dataset, resumable sampler, loader), :func:`wrap_model`
+  (DDP / channels-last / compile), :func:`build_loop`, :func:`periodic` evaluation;
+* **save**: :func:`save_final` (weights and the MLflow run reference beside them).
+"""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,7 +30,7 @@ from ..tracking import (
 )
 from .config import RuntimeConfig, to_dict
 from .loaders import ResumableSampler, SeededDataset, make_loader
-from .distributed import DistInfo
+from .distributed import DistInfo, cleanup, init_distributed, resolve_device
 from ..checkpoint import load_file, save_atomic
 from .loop import RUN_ID_KEY, EvalFn, Loop, resume_blocker
 from .state import LAST
@@ -28,6 +39,8 @@ from .state import LAST
 RUN_REF = "mlflow_run.json"
 
 logger = logging.getLogger("mixmim.engine")
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +128,14 @@ def periodic(evaluate: EvalFn, every: int, epochs: int, loop: Callable[[], Loop]
     return run
 
 
+def close_last_epoch(history: list[dict[str, Any]], final: dict[str, Any], tracker: Tracker) -> None:
+    """The final evaluation is the last epoch's (the loop does not evaluate it twice: :func:`periodic`):
+    it joins that epoch's history row (the plot CSV) and MLflow's ``epoch/*`` curves at that epoch."""
+    if history:
+        history[-1].update(final)
+        tracker.log_metrics({f"epoch/{k}": v for k, v in final.items()}, step=int(history[-1]["epoch"]))
+
+
 def init_tags(cfg: RuntimeConfig, stage: str, dataset: str) -> dict[str, str]:
     """Tags of a run that starts from ``cfg.init``: stage, model, dataset, init, and the MLflow
     run of the pretraining that wrote it (its run reference beside the weights), if any."""
@@ -182,3 +203,48 @@ def output_dir(cfg: RuntimeConfig) -> Path:
     path = Path(cfg.output_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@dataclass
+class EngineRun:
+    """An engine's set-up (:func:`engine_run`): the config, the process layout and the output folder."""
+
+    cfg: Any
+    info: DistInfo
+    output: Path | None
+
+    @property
+    def out(self) -> Path:
+        """The output folder (``cfg.output_dir``, created by :func:`engine_run`)."""
+        if self.output is None:
+            raise RuntimeError("this engine run was set up without an output folder (engine_run(outputs=False))")
+        return self.output
+
+    def build(self, factory: Callable[[], T]) -> T:
+        """``factory()`` under ``cfg.seed`` (the same initial weights on every rank); afterwards each
+        rank's model-side randomness (masks, drop path, augmentation) is seeded apart (:func:`per_rank_seed`)."""
+        seed_everything(self.cfg.seed)
+        built = factory()
+        seed_everything(per_rank_seed(self.cfg.seed, self.info))
+        return built
+
+    @contextmanager
+    def tracking(self, default_name: str, tags: dict[str, str], derived: dict[str, Any],
+                 epochs: int | None = None) -> Iterator[Tracker]:
+        """The run's MLflow run (:func:`open_tracker`; ``epochs``: the loop's length when it is not
+        ``cfg.epochs``) with the config and ``derived`` values logged (:func:`log_run_config`)."""
+        with open_tracker(self.cfg, self.info, default_name, tags, epochs=epochs) as tracker:
+            log_run_config(tracker, self.cfg, derived)
+            yield tracker
+
+
+@contextmanager
+def engine_run(cfg: Any, distributed: bool = True, outputs: bool = True) -> Iterator[EngineRun]:
+    """The set-up every engine starts with: the process group under torchrun (one process
+    otherwise; ``distributed=False``: always one process on ``cfg.device``), the output folder
+    ``cfg.output_dir`` (``outputs=False``: none), and the group left again when the engine ends."""
+    info = init_distributed(cfg.device) if distributed else DistInfo(device=resolve_device(cfg.device, 0))
+    try:
+        yield EngineRun(cfg, info, output_dir(cfg) if outputs else None)
+    finally:
+        cleanup(info)

@@ -1,13 +1,13 @@
 """Dense-transfer training engines: Mask R-CNN on COCO and UperNet on ADE20K (Table 4, section 8).
 
 The same skeleton as :mod:`mixmim.engine.engine_pretrain` and :mod:`mixmim.engine.engine_finetune`
-(:mod:`mixmim.engine.runner`): one process or many under torchrun, seeded data (every
-item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler, the loop of
+(:mod:`mixmim.engine.runner`): set-up through :func:`~mixmim.engine.runner.engine_run` (one
+process or many under torchrun, output folder, seeded model build, MLflow run), seeded data
+(every item drawn under RNGs seeded by (seed, epoch, index)), a resumable sampler, the loop of
 :func:`~mixmim.engine.runner.build_loop` (precision, accumulation, clipping, atomic
-checkpoints, exact resume), MLflow through :func:`~mixmim.engine.runner.open_tracker`,
-periodic evaluation through :func:`~mixmim.engine.runner.periodic`, final weights and
-the run reference through :func:`~mixmim.engine.runner.save_final`; collectives from
-:mod:`mixmim.engine.distributed`.
+checkpoints, exact resume), periodic evaluation through :func:`~mixmim.engine.runner.periodic`,
+final weights and the run reference through :func:`~mixmim.engine.runner.save_final`;
+collectives from :mod:`mixmim.engine.distributed`.
 
 What is specific to dense transfer:
 
@@ -48,13 +48,12 @@ from timm.scheduler.scheduler import Scheduler
 
 from ..engine.config import ConfigError
 from ..engine.distributed import (
-    DistInfo, all_gather_object, all_reduce_sum, broadcast_object, cleanup, init_distributed,
+    DistInfo, all_gather_object, all_reduce_sum, broadcast_object,
 )
 from ..engine.loop import autocast_dtype
 from ..engine.optim import build_schedule
 from ..engine.runner import (
-    TrainData, build_loop, init_tags, log_run_config, open_tracker, output_dir, per_rank_seed, periodic, save_final,
-    seed_everything, train_data, wrap_model,
+    TrainData, build_loop, close_last_epoch, engine_run, init_tags, periodic, save_final, train_data, wrap_model,
 )
 from ..models.registry import MODEL_SIZES
 from ..io import write_text_atomic
@@ -445,14 +444,11 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
     check_config(cfg)
     if not cfg.data_root:
         raise ConfigError("DetectionConfig.data_root is empty; expected the COCO folder (annotations/, train2017/)")
-    info = init_distributed(cfg.device)
-    try:
-        out = output_dir(cfg)
+    with engine_run(cfg) as run:
+        info, out = run.info, run.out
         train_set = CocoInstanceDataset(cfg.data_root, "train", transform=LargeScaleJitter(cfg.img_size, cfg.lsj_scale))
         val_set = CocoInstanceDataset(cfg.data_root, "val")
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = build_detector(cfg, train_set.num_classes)
-        seed_everything(per_rank_seed(cfg.seed, info))
+        model = run.build(lambda: build_detector(cfg, train_set.num_classes))
         data = dense_train_data(train_set, cfg, info, collate_detection_batch)
         optimizer = build_optimizer(model, cfg, DETECTION_BACKBONE_PREFIX)
         total = data.steps_per_epoch * cfg.epochs
@@ -472,12 +468,11 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
         def evaluate_record(m: nn.Module) -> dict[str, float]:
             return _finite(evaluate(m))  # history rows: scores only (NaN = no ground truth in that range)
 
-        with open_tracker(cfg, info, "coco", init_tags(cfg, "coco", "coco")) as tracker:
-            derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
-                       "steps_per_epoch": data.steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
-                       "lr_milestones": milestones, "num_classes": train_set.num_classes,
-                       "train_images": len(train_set), "val_images": len(val_set)}
-            log_run_config(tracker, cfg, derived)
+        derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
+                   "steps_per_epoch": data.steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+                   "lr_milestones": milestones, "num_classes": train_set.num_classes,
+                   "train_images": len(train_set), "val_images": len(val_set)}
+        with run.tracking("coco", init_tags(cfg, "coco", "coco"), derived) as tracker:
             complexity = dense_complexity(cfg, train_set.num_classes)
             log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, cfg.epochs, info, out,
@@ -488,15 +483,12 @@ def train_detection(cfg: DetectionConfig) -> dict[str, Any]:
             per_image = final.pop("records", None)  # the last epoch's per-image match records (main rank)
             step = history[-1]["step"] if history else 0
             tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
-            if history:
-                history[-1].update(_finite(final))
+            close_last_epoch(history, _finite(final), tracker)
             save_final(model, cfg, out / DETECTOR_WEIGHTS, "mixmim_coco_mask_rcnn", tracker, info,
                        num_classes=train_set.num_classes)
             return {"history": history, **final, "run_id": tracker.run_id, "weights": str(out / DETECTOR_WEIGHTS),
                     "records": per_image, "n_val": len(per_image["box"]) if per_image else None,
                     "model_params_m": complexity.params_m, "model_gflops": complexity.gflops}
-    finally:
-        cleanup(info)
 
 
 # --------------------------------------------------------------------------- #
@@ -507,20 +499,17 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
     check_config(cfg)
     if not cfg.data_root:
         raise ConfigError("SegmentationConfig.data_root is empty; expected the ADE20K folder (ADEChallengeData2016/)")
-    info = init_distributed(cfg.device)
-    try:
-        out = output_dir(cfg)
+    with engine_run(cfg) as run:
+        info, out = run.info, run.out
         num_classes = cfg.num_classes or ade20k_num_classes(cfg.data_root)
         transform = SegmentationTrainTransform(cfg.img_size, cfg.train_scale, cfg.ratio_range, cfg.cat_max_ratio,
                                                photometric=cfg.photometric)
         train_set = ADE20KDataset(cfg.data_root, "train", transform=transform, num_classes=num_classes)
         val_set = ADE20KDataset(cfg.data_root, "val", num_classes=num_classes)
         class_names = ade20k_class_names(cfg.data_root, num_classes)
-        seed_everything(cfg.seed)
-        model = build_segmentor(cfg, num_classes)
+        model = run.build(lambda: build_segmentor(cfg, num_classes))
         if info.distributed and info.device.type == "cuda":  # mmseg's SyncBN (torch's is CUDA-only)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        seed_everything(per_rank_seed(cfg.seed, info))
         epochs = cfg.max_iters // cfg.iters_per_epoch
         period = RepeatDataset(train_set, cfg.iters_per_epoch * cfg.batch_size)
         data = dense_train_data(period, cfg, info, collate_segmentation_batch)
@@ -536,11 +525,10 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             scores = evaluate_ade20k(m, val_set, cfg, info)  # type: ignore[arg-type]
             return {"miou": scores["mIoU"], "pixel_acc": scores["aAcc"], "macc": scores["mAcc"]}
 
-        with open_tracker(cfg, info, "ade20k", init_tags(cfg, "ade20k", "ade20k"), epochs=epochs) as tracker:
-            derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
-                       "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
-                       "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
-            log_run_config(tracker, cfg, derived)
+        derived = {"lr": cfg.lr, "per_process_batch": per_process_batch(cfg, info), "world_size": info.world_size,
+                   "epochs": epochs, "steps_per_epoch": data.steps_per_epoch, "total_steps": total,
+                   "num_classes": num_classes, "train_images": len(train_set), "val_images": len(val_set)}
+        with run.tracking("ade20k", init_tags(cfg, "ade20k", "ade20k"), derived, epochs=epochs) as tracker:
             complexity = dense_complexity(cfg, num_classes)
             log_complexity(tracker, complexity)
             loop = _make_loop(cfg, model, train_model, optimizer, scheduler, data, loss_fn, epochs, info, out,
@@ -559,8 +547,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
             step = history[-1]["step"] if history else 0
             tracker.log_metrics({f"final/{k}": v for k, v in _finite(final).items()}, step=step)
             tracker.log_dict(_json_safe(per_class), PER_CLASS_FILE)
-            if history:
-                history[-1].update({k: final[k] for k in ("miou", "pixel_acc", "macc")})
+            close_last_epoch(history, {k: final[k] for k in ("miou", "pixel_acc", "macc")}, tracker)
             if info.is_main:
                 write_text_atomic(out / PER_CLASS_FILE, json.dumps(_json_safe(per_class), indent=2) + "\n")
             save_final(model, cfg, out / SEGMENTOR_WEIGHTS, "mixmim_ade20k_upernet", tracker, info,
@@ -570,5 +557,3 @@ def train_segmentation(cfg: SegmentationConfig) -> dict[str, Any]:
                     "model_params_m": complexity.params_m, "model_gflops": complexity.gflops,
                     "records": {"intersection": scores["intersection"], "union": scores["union"],
                                 "classes": list(class_names)}}
-    finally:
-        cleanup(info)
