@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test smoke repro ablations backbones report mlflow-ui mlflow-server dvc clean
+.PHONY: setup test smoke repro ablations backbones report status mlflow-ui mlflow-server dvc clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ backbones: setup
 # Only the report, from the results already committed.
 report: setup
 	$(REPORT)
+
+# `dvc status` per pipeline file, each stage sorted into up to date / never run here / outs not in
+# this clone (no DVC remote) / stale, with the make target that updates it (mixmim/pipeline_status.py).
+status: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m mixmim.pipeline_status
 
 # Every pipeline's smoke mode (mixmim/smoke.py): its stages on the CPU with tiny budgets, torchrun
 # with 2 gloo processes, over stand-ins in the official layouts, in a temporary copy (CI runs it).
