@@ -360,3 +360,22 @@ def test_readme_lists_each_pipelines_scale_and_why_it_is_empty(tmp_path: Path) -
     assert "- default: `metrics` (built-in scale), 2 result file(s)" in readme
     assert ("- ablations: `abl/metrics` (mid scale), 0 result file(s); ablations pipeline not run at mid scale"
             in readme)
+
+
+def test_an_empty_size_role_names_its_model(tmp_path: Path) -> None:
+    report, pipelines = _paper_tree(tmp_path)
+    for path in (tmp_path / "pipelines" / "paper" / "metrics" / "large").iterdir():
+        path.unlink()
+    results = load_results(pipelines, report)
+    assert results.reason("large", "coco") == "MixMIM-L (role large) not run at paper scale: no results in its metrics folder"
+    assert results.reason("default", "coco") == "no coco_s*.json in the default pipeline's metrics"
+
+
+def test_loss_curves_are_smoothed_even_when_logged_sparsely() -> None:
+    from mixmim.report.figures import smooth
+
+    noisy = np.tile([1.0, 0.0], 25)  # 50 logged points alternating: unsmoothed spread 1
+    out = smooth(noisy)
+    assert np.ptp(out[5:-5]) < 0.25 and out.mean() == pytest.approx(0.5, abs=0.05)
+    assert list(smooth([3.0])) == [3.0] and len(smooth([])) == 0
+    assert smooth(np.arange(1000.0))[500] == pytest.approx(500.0, abs=1.0)  # centred: no lag (a trailing one: 50)

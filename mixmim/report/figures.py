@@ -129,10 +129,11 @@ def scaling_figure(paper: Sequence[Point], ours: Sequence[OursPoint], title: str
     return fig
 
 
-def smooth(values: Sequence[float], fraction: float = 0.05) -> np.ndarray:
-    """A centred moving average over ``fraction`` of the series (at least one point)."""
+def smooth(values: Sequence[float], fraction: float = 0.1, least: int = 5) -> np.ndarray:
+    """A centred moving average over ``fraction`` of the series, at least ``least`` points (never more than
+    the series): a run logged every few steps has few points, and 10% of 50 would hardly smooth at all."""
     v = np.asarray(values, dtype=np.float64)
-    window = max(1, int(round(len(v) * fraction)))
+    window = min(len(v), max(least, int(round(len(v) * fraction)))) if len(v) else 1
     return pd.Series(v).rolling(window, min_periods=1, center=True).mean().to_numpy()
 
 

@@ -87,6 +87,10 @@ def parse_name(stem: str) -> tuple[str, str, int] | None:
 SCALE_NAMES = {"builtin": "built-in scale", "mid": "mid scale", "paper": "paper scale"}
 
 
+#: How a role reads in a cell when it has no results (the size roles are folders of one pipeline, not pipelines).
+ROLE_WORDS = {"large": "MixMIM-L (role large)", "huge": "MixMIM-H (role huge)"}
+
+
 def scale_name(scale: str | None) -> str:
     """``builtin`` -> 'built-in scale'; an unknown name -> '<name> scale'; None -> 'an unrecorded scale'."""
     if not scale:
@@ -158,9 +162,10 @@ class Results:
         if any(r.role == role for r in self.all):
             return ""
         scale = self.scales.get(role)
+        who = ROLE_WORDS.get(role, f"{role} pipeline")
         if scale:
-            return f"{role} pipeline not run at {scale_name(scale)}: no results in its metrics folder"
-        return f"no results of the {role} pipeline"
+            return f"{who} not run at {scale_name(scale)}: no results in its metrics folder"
+        return f"no results of the {who}"
 
     def reason(self, role: str, stage: str, key: str = "") -> str:
         """Why :meth:`group` is empty, for a table cell."""
