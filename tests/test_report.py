@@ -304,6 +304,7 @@ def test_loss_curves_band_over_seeds() -> None:
     assert "band: min-max over seeds" in fig.get_suptitle()
     single = figs.loss_curves_figure([figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6])], "default")])
     assert "no band" in single.get_suptitle() and not single.axes[0].collections
+    assert "band" not in figs.loss_curves_figure([]).get_suptitle()
 
 
 def test_perfect_prediction_reconstructs_the_image() -> None:

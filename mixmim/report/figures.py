@@ -172,8 +172,8 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
         ax.grid(True, alpha=0.25)
         ax.set_title(f"{group} pipeline" if group else "", fontsize=9)
     banded = any(len(c.seeds) > 1 for c in curves)
-    fig.suptitle(title + ("\nband: min-max over seeds" if banded else "\none seed per variant (no band)"),
-                 fontsize=10)  # two lines: a one-panel figure is too narrow for both on one
+    fig.suptitle(title + ("\nband: min-max over seeds" if banded else "\none seed per variant (no band)" if curves
+                          else "\nno run"), fontsize=10)  # two lines: a one-panel figure is too narrow for both on one
     return fig
 
 
