@@ -432,7 +432,7 @@ def test_report_stage_declares_every_pipelines_results_and_stays_out_of_the_root
     repo = Path(__file__).resolve().parents[1]
     folder = repo / "pipelines" / "report"
     stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
-    for name, params_file in (("report", "params.yaml"), ("report_paper", "paper.yaml")):
+    for name, params_file in (("report", "params.yaml"), ("report_paper", "paper.yaml"), ("report_mid", "mid.yaml")):
         stage = stages[name]
         deps = [(folder / d).resolve() for d in stage["deps"]]
         plain = {p for p in stage["params"] if isinstance(p, str)}

@@ -379,3 +379,22 @@ def test_loss_curves_are_smoothed_even_when_logged_sparsely() -> None:
     assert np.ptp(out[5:-5]) < 0.25 and out.mean() == pytest.approx(0.5, abs=0.05)
     assert list(smooth([3.0])) == [3.0] and len(smooth([])) == 0
     assert smooth(np.arange(1000.0))[500] == pytest.approx(500.0, abs=1.0)  # centred: no lag (a trailing one: 50)
+
+
+def test_mid_report_reads_the_mid_layout_and_names_its_scale(tmp_path: Path) -> None:
+    """pipelines/report/mid.yaml over results laid out as pipelines/mid/dvc.yaml writes them."""
+    report = tmp_path / "pipelines" / "report"
+    report.mkdir(parents=True)
+    _params(tmp_path / "pipelines" / "mid", "mid")
+    section = yaml.safe_load((REPO / "pipelines" / "report" / "mid.yaml").read_text())["report"]
+    base = tmp_path / "pipelines" / "mid" / "metrics" / "base"
+    _write(base, "pretrain_s0", epochs=150, seed=0, model="mixmim_base")
+    _cls(base, "finetune_imagenet_s0", 0.8, 1, seed=0, model="mixmim_base", img_size=224, epochs=100)
+    tables, results = build_tables_from(section["pipelines"], root=report, resamples=RESAMPLES)
+    row = _row(_frame(tables, "table2_in1k_mim"), method="MixMIM", pretrain_epochs_paper="600")
+    assert _number(row["top1_ours"]) == 80.0
+    assert row["scale_ours"] == "mid scale: mixmim_base, 224 px, 150 pretrain + 100 finetune epochs"
+    assert _row(_frame(tables, "table6_filling"), fill="mix")["top1_ours"] == (
+        "— (ablations pipeline not run at mid scale: no results in its metrics folder)")
+    title, ylabel, _ = _figure_titles(report, section["pipelines"])
+    assert "mid scale: ImageNet-100" in title and "ImageNet-100" in ylabel
