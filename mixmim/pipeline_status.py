@@ -34,7 +34,7 @@ HOW = {
     "dvc.yaml": "make repro",
     "pipelines/ablations/dvc.yaml": "make ablations",
     "pipelines/backbones/dvc.yaml": "make backbones",
-    "pipelines/report/dvc.yaml": "make report",
+    "pipelines/report/dvc.yaml": "dvc repro --single-item pipelines/report/dvc.yaml:<stage> (make report: the report stage)",
     "pipelines/paper/dvc.yaml": "dvc repro pipelines/paper/dvc.yaml on the real datasets and GPUs (README, Pipelines)",
     "pipelines/mid/dvc.yaml": "dvc repro pipelines/mid/dvc.yaml on ImageNet-100 and a GPU (README, Pipelines)",
 }
@@ -109,9 +109,11 @@ def describe(status: PipelineStatus) -> list[str]:
     how = HOW.get(status.path, f"dvc repro {status.path}")
     counts = ", ".join(f"{len(v)} {k}" for k, v in status.groups.items() if v)
     lines = [f"{status.path}: {status.total} stages: {counts or 'none'}"]
-    if status.groups[NEVER_RUN]:
-        lines.append(f"  never run here: no dvc.lock entry, so plain `dvc status` lists every dep as modified and "
-                     f"every out as deleted; expected until it runs: {how}")
+    never = status.groups[NEVER_RUN]
+    if never:
+        which = "" if len(never) == status.total else f" ({', '.join(never[:4])}{' ...' if len(never) > 4 else ''})"
+        lines.append(f"  never run here{which}: no dvc.lock entry, so plain `dvc status` lists every dep as modified "
+                     f"and every out as deleted; expected until it runs: {how}")
     if status.groups[OUTS_MISSING]:
         names = ", ".join(status.groups[OUTS_MISSING][:4]) + (" ..." if len(status.groups[OUTS_MISSING]) > 4 else "")
         lines.append(f"  outs not in this clone ({names}): ran where dvc.lock was written (results committed), but "

@@ -82,3 +82,12 @@ def test_status_of_a_small_repository(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dvc.yaml: 3 stages: 2 outs not in this clone, 1 stale" in out
     assert "pipelines/other/dvc.yaml: 2 stages: 2 never run here" in out
+
+
+def test_describe_names_the_never_run_stages_of_a_partly_run_pipeline():
+    got = classify("pipelines/report/dvc.yaml", ["report", "report_mid"], {"report"},
+                   {"report_mid": [{"changed outs": {"pipelines/mid/reports": "deleted"}}]})
+    lines = describe(got)
+    assert lines[0] == "pipelines/report/dvc.yaml: 2 stages: 1 up to date, 1 never run here"
+    assert lines[1].startswith("  never run here (report_mid): ")
+    assert "dvc repro --single-item pipelines/report/dvc.yaml:<stage>" in lines[1]
