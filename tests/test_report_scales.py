@@ -221,8 +221,9 @@ def _epochs(params: dict, variant: str) -> float:
     return float({**params["pretrain"], **(params["variants"][variant] or {})}["epochs"])
 
 
-def _run_ablations(folder: Path, params: dict) -> None:
-    """Results of every variant x seed of pipelines/ablations/params.yaml, named as its dvc.yaml names them."""
+def _run_ablations(folder: Path, params: dict, dense: bool = True) -> None:
+    """Results of every variant x seed of pipelines/ablations/params.yaml, named as its dvc.yaml names them
+    (``dense=False``: pretraining and finetuning only, as the mid pipeline runs them)."""
     for v, variant in enumerate(params["variants"]):
         for seed in params["seeds"]:
             acc = 0.5 + 0.02 * v + 0.01 * seed
@@ -231,6 +232,8 @@ def _run_ablations(folder: Path, params: dict) -> None:
                    model=params["pretrain"]["model"])
             _cls(folder, f"finetune_{variant}_s{seed}", acc, 100 * v + seed, seed=seed, model=model, img_size=56,
                  epochs=params["finetune"]["epochs"])
+            if not dense:
+                continue
             _seg(folder, f"ade20k_{variant}_s{seed}", acc, 100 * v + seed, seed=seed, model=model)
             _cls(folder, f"probe_{variant}_s{seed}", acc - 0.1, 100 * v + seed, "_knn", key="knn_top1", seed=seed)
             _cls(folder, f"probe_{variant}_s{seed}", acc - 0.05, 100 * v + seed, "_linear", key="linear_top1",
@@ -398,3 +401,26 @@ def test_mid_report_reads_the_mid_layout_and_names_its_scale(tmp_path: Path) -> 
         "— (ablations pipeline not run at mid scale: no results in its metrics folder)")
     title, ylabel, _ = _figure_titles(report, section["pipelines"])
     assert "mid scale: ImageNet-100" in title and "ImageNet-100" in ylabel
+
+
+def test_mid_ablations_fill_tables_6_to_10_with_table9_by_budget_ratio(tmp_path: Path) -> None:
+    """The mid pipeline's ablation variants x seeds (pipelines/mid/params.yaml), named as pipelines/mid/dvc.yaml
+    names them, fill every paper row of Tables 6-10; its 80 and 120 epochs (2x, 3x its 40) stand beside 600
+    and 900."""
+    report = tmp_path / "pipelines" / "report"
+    report.mkdir(parents=True)
+    _params(tmp_path / "pipelines" / "mid", "mid")
+    mid = yaml.safe_load((REPO / "pipelines" / "mid" / "params.yaml").read_text())
+    params = {**mid["ablations"], "seeds": mid["seeds"]}
+    section = yaml.safe_load((REPO / "pipelines" / "report" / "mid.yaml").read_text())["report"]
+    _run_ablations(report / section["pipelines"]["ablations"], params, dense=False)
+    tables, _ = build_tables_from(section["pipelines"], root=report, resamples=RESAMPLES)
+    for key in ABLATION_TABLES:
+        frame = _frame(tables, key)
+        assert (frame["variant_ours"] != "").all(), key
+        for cell, seeds in zip(frame["top1_ours"], frame["top1_n_seeds"]):
+            assert _number(cell) > 0 and seeds == str(len(mid["seeds"])), key
+        assert all(c.startswith("— (no ade20k_") for c in frame["miou_ours"] if "miou_ours" in frame), key
+    t9 = _frame(tables, "table9_epochs")
+    assert list(zip(t9.pretrain_epochs_paper, t9.variant_ours)) == [
+        ("300", "default"), ("600", "epochs-80"), ("900", "epochs-120")]
