@@ -32,14 +32,15 @@ ROLES = ("default", "large", "huge", "ablations", "backbones")
 #: Figure file -> the README line saying what it shows.
 FIGURES: dict[str, str] = {
     "figure2_flops_vs_top1.png": "Figure 2 (left): the paper's ImageNet top-1 vs GFLOPs (linear axis; MixMIM-B/L/H, "
-                                 "MAE ViT-B/L/H) and, in a separate panel, our pretrained and from-scratch runs "
-                                 "with 95% intervals",
+                                 "MAE ViT-B/L/H) and, in a separate panel titled with the scale they ran at, our "
+                                 "pretrained and from-scratch runs of every model size with 95% intervals",
     "figure2_flops_vs_coco_ap.png": "Figure 2 (middle): the paper's COCO AP box vs detector GFLOPs (Table 4); ours in a "
-                                    "separate panel",
+                                    "separate panel titled with their scale",
     "figure2_flops_vs_ade_miou.png": "Figure 2 (right): the paper's ADE20K mIoU vs segmentor GFLOPs (Table 4); ours in "
-                                     "a separate panel",
-    "pretrain_loss_curves.png": "pretraining loss per step from MLflow, smoothed, one curve per variant (band: "
-                                "min-max over seeds), one panel per pipeline, with the predict-the-cell-mean level",
+                                     "a separate panel titled with their scale",
+    "pretrain_loss_curves.png": "pretraining loss per step from MLflow, smoothed (centred mean over 10% of the "
+                                "logged points), one curve per variant (band: min-max over seeds), one panel per "
+                                "pipeline, with the predict-the-mean level (flat cells of each cell's mean colour)",
     "mixing_reconstruction.png": "Figures 1/3: pairs of images, their mixed input, and the pretrained model's "
                                  "reconstruction of each (model output in the hidden cells only)",
 }
