@@ -11,7 +11,7 @@ Reads two sections of the params file::
     report:
       out_dir: reports
       pipelines:                      # role -> metrics folder: the tables' only input
-        default: metrics
+        default: metrics              # (also large / huge: MixMIM-L and -H folders of the paper pipeline)
         ablations: pipelines/ablations/metrics
         backbones: pipelines/backbones/metrics
       experiments: {default: default, ablations: ablations, backbones: backbones}   # MLflow, loss curves
@@ -22,6 +22,10 @@ Reads two sections of the params file::
       pretrain_weights: runs/pretrain/s0/pretrain.pt   # optional (mixing figure)
       sample_images: data/builtin/imagenet/val         # optional (mixing figure)
       scale_note: "Built-in stand-in data, 64 px, CPU budgets; not comparable to the paper's numbers."
+
+Every label names the scale of the results it shows: a metrics JSON's own ``scale``, else
+``tracking.scale`` of the params file of the pipeline that owns the metrics folder (the
+folder or up to two above it; :func:`mixmim.report.results.pipeline_scale`).
 
 The ``report`` section is checked strictly (an unknown key or a wrong type stops the
 stage, naming the key); paths in it are relative to the params file's folder. The
