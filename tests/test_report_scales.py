@@ -300,6 +300,10 @@ def test_unrun_pipelines_say_why_then_fill_without_code_changes(tmp_path: Path) 
         assert (frame["variant_ours"] != "").all(), f"{key}: a paper row without its variant"
     t9 = _frame(tables, "table9_epochs")
     assert _row(t9, pretrain_epochs_paper="300")["variant_ours"] == "default"
+    for paper_epochs in ("600", "900"):  # the pipeline's epoch variants at 2x and 3x its default budget
+        ratio = int(paper_epochs) // 300
+        variant = _row(t9, pretrain_epochs_paper=paper_epochs)["variant_ours"]
+        assert _epochs(ablations, variant) == ratio * _epochs(ablations, "default"), (paper_epochs, variant)
 
     placed = 0
     for key in ENCODER_TABLES:
