@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-val", type=int, default=d.dense_val, help="COCO/ADE20K validation images")
     p.add_argument("--unlabeled-images", type=int, default=d.unlabeled_images,
                    help="images of the unlabeled pretraining set (all domains mixed)")
+    p.add_argument("--places-num-classes", type=int, default=d.places_num_classes,
+                   help="classes of the Places stand-ins (0: --num-classes)")
+    p.add_argument("--places-train-per-class", type=int, default=d.places_train_per_class,
+                   help="training images per class of the Places stand-ins (0: --train-per-class)")
     return p
 
 
@@ -88,6 +92,8 @@ def generate(args: argparse.Namespace) -> None:
         dense_train=args.dense_train,
         dense_val=args.dense_val,
         unlabeled_images=args.unlabeled_images,
+        places_num_classes=args.places_num_classes,
+        places_train_per_class=args.places_train_per_class,
     )
     start = last = time.perf_counter()
 

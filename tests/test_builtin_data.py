@@ -298,6 +298,39 @@ def test_class_count_limits(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "failed runs must leave nothing behind"
 
 
+def test_places_sizes_override_only_the_places_standins(tmp_path: Path) -> None:
+    sizes = BuiltinSizes(image_size=16, num_classes=2, train_per_class=1, val_per_class=1, dense_train=0,
+                         dense_val=0, unlabeled_images=0, places_num_classes=3, places_train_per_class=2)
+    generate_all(tmp_path, sizes=sizes, datasets=["imagenet", "places205", "places365"])
+    for name in ("places205", "places365"):
+        meta = json.loads((tmp_path / name / builtin.META_FILE).read_text())
+        assert (meta["num_classes"], meta["train_per_class"], meta["val_per_class"]) == (3, 2, 1), name
+    assert [len(list(d.iterdir())) for d in sorted((tmp_path / "imagenet" / "train").iterdir())] == [1, 1]
+    train = (tmp_path / "places365" / places.PLACES365_LIST_FILES["train"]).read_text().split()
+    assert sorted(set(train[1::2])) == ["0", "1", "2"] and len(train) == 2 * 6
+    with pytest.raises(ValueError, match="places_num_classes"):
+        BuiltinSizes(places_num_classes=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        BuiltinSizes(places_train_per_class=-1)
+
+
+def test_inat_markings_span_several_mixing_cells() -> None:
+    """Class 0 (vertical stripes): the dominant horizontal period of the iNat stand-in's markings
+    covers at least two 8-px mixing cells at 64 px; the unlabeled set's textures keep their finer scale."""
+    def period(fraction: float) -> float:
+        found = []
+        for seed in range(8):
+            grey = draw.render_texture_image(np.random.default_rng(seed), 0, 64, fraction).astype(float).mean(-1)
+            profile = grey[24:40].mean(0) - grey[24:40].mean()
+            found.append(64 / (1 + np.abs(np.fft.rfft(profile))[1:].argmax()))
+        return float(np.median(found))
+
+    assert period(draw.INAT_TEXTURE_PERIOD) >= 16
+    assert period(draw.UNLABELED_TEXTURE_PERIOD) < 12
+    with pytest.raises(ValueError, match="period"):
+        draw.render_texture_image(np.random.default_rng(0), 0, 64, 0.0)
+
+
 # ---- learnability: cheap nearest-class-mean classifiers must beat chance clearly ----
 
 

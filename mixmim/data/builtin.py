@@ -14,9 +14,12 @@ Every image carries learnable structure and nuisance variation:
   foreground hue is drawn from a class-specific window that overlaps its neighbours, so
   colour is a weak cue and shape is needed for high accuracy.
 * iNaturalist stand-ins -- the class is a *texture* (stripe orientation, checks, dots,
-  rings, ...) filling a randomly placed "organism" ellipse, in random colours.
+  rings, ...) filling a randomly placed "organism" ellipse, in random colours.  Its period
+  (about 19 px at 64 px) spans several 8-px mixing cells, so a masked cell's markings follow
+  from the visible ones; the unlabeled set's textures domain keeps a finer period (10 px).
 * Places stand-ins -- the class is a *scene layout*: horizon height, sky palette, ground
-  type and skyline structure (none / buildings / trees), with jittered colours.
+  type and skyline structure (none / buildings / trees), with jittered colours.  They may take
+  their own class count and shots (``places_num_classes``, ``places_train_per_class``).
 * COCO stand-in -- 1-4 shapes in random colours (category = shape only) on a
   textured background.  Objects never overlap (placement rejects overlapping bounding
   circles), so each polygon is fully visible and boxes/masks are exact.
@@ -87,6 +90,11 @@ class BuiltinSizes:
     dense_train: int = 80
     dense_val: int = 20
     unlabeled_images: int = 2000
+    # The two Places stand-ins may take their own class count and shots (0: num_classes /
+    # train_per_class): scene layouts are easy at 10 classes, so the default pipeline asks
+    # for more classes and fewer shots there to keep them off the ceiling for either init.
+    places_num_classes: int = 0
+    places_train_per_class: int = 0
 
     def __post_init__(self) -> None:
         """Reject sizes the renderers cannot honour, before any file is written."""
@@ -95,8 +103,10 @@ class BuiltinSizes:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2: {self}")
         if min(self.train_per_class, self.val_per_class, self.dense_train, self.dense_val,
-               self.unlabeled_images) < 0:
+               self.unlabeled_images, self.places_num_classes, self.places_train_per_class) < 0:
             raise ValueError(f"image counts must be non-negative: {self}")
+        if self.places_num_classes == 1:
+            raise ValueError(f"places_num_classes must be 0 (same as num_classes) or at least 2: {self}")
 
 
 DEFAULT_SIZES = BuiltinSizes()
@@ -114,8 +124,11 @@ def _writer_args(name: str, seed: int, sizes: BuiltinSizes) -> dict[str, Any]:
                 "num_val": sizes.dense_val}
     if name == "unlabeled":
         return {"seed": seed, "image_size": sizes.image_size, "num_images": sizes.unlabeled_images}
-    return {"seed": seed, "image_size": sizes.image_size, "num_classes": sizes.num_classes,
-            "train_per_class": sizes.train_per_class, "val_per_class": sizes.val_per_class}
+    places = name in ("places205", "places365")
+    return {"seed": seed, "image_size": sizes.image_size,
+            "num_classes": (places and sizes.places_num_classes) or sizes.num_classes,
+            "train_per_class": (places and sizes.places_train_per_class) or sizes.train_per_class,
+            "val_per_class": sizes.val_per_class}
 
 
 WRITERS: dict[str, Callable[..., Path]] = {

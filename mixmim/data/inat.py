@@ -19,7 +19,7 @@ from .classification import (
     _require_dir,
     _require_file,
 )
-from .draw import render_texture_image, texture_class
+from .draw import INAT_TEXTURE_PERIOD, render_texture_image, texture_class
 from .standin import check_classes, hex_name, image_rng, save_jpeg, staged_dir, write_json, write_meta
 
 _INAT_YEARS: tuple[int, ...] = (2018, 2019)
@@ -195,7 +195,7 @@ def write_inat(
                     index = label * per_class + i
                     rng = image_rng(seed, name, split, index)
                     rel = f"train_val{year}/{cat['supercategory']}/{cat['id']}/{hex_name(name, split, index)}.jpg"
-                    save_jpeg(root / rel, render_texture_image(rng, label, image_size))
+                    save_jpeg(root / rel, render_texture_image(rng, label, image_size, INAT_TEXTURE_PERIOD))
                     images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
                     annotations.append({"id": image_id, "image_id": image_id, "category_id": cat["id"]})
                     image_id += 1

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .draw import max_classes
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the pixels a seed produces change, so caches can be invalidated."""
 
 META_FILE = "builtin_meta.json"
