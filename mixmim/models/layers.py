@@ -91,7 +91,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _onednn_mm(g2, weight.t().contiguous()).view(ctx.x_shape)
+            gx = _onednn_mm(g2, weight.t()).view(ctx.x_shape)  # oneDNN reads the strided weight as it is
         if ctx.needs_input_grad[1]:
             # oneDNN's entry point copies the two transposed operands first; with few
             # channels per token that copy costs more than its faster product saves.
@@ -377,6 +377,78 @@ def _explicit_attention_applies(x: Tensor, weight: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+_SOFTMAX_OUT = torch.ops.aten._softmax.out
+_SOFTMAX_BACKWARD_OUT = torch.ops.aten._softmax_backward_data.out
+
+
+class _SegmentAttention(torch.autograd.Function):
+    """Attention of every segment to itself (group-restricted attention, see
+    :class:`AttentionPlan`) as one autograd node, written out as the plain formulation
+    computes it (``softmax((q * scale) @ k^T + bias) @ v``, same operations in the same
+    order), with the softmax and its gradient in place and the outputs and gradients
+    written straight into whole-block buffers instead of being concatenated.
+
+    qkv: (B, L, 3C) in segment order; table: (T, heads) relative position table;
+    index: one flattened (n*n,) table index per segment. Returns (B, L, C).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, table: Tensor, heads: int, segments: list[tuple[int, int]],
+                index: list[Tensor]) -> Tensor:
+        b, length, c3 = qkv.shape
+        d = c3 // 3 // heads
+        scale = d**-0.5
+        t = qkv.view(b, length, 3, heads, d)
+        out = qkv.new_empty(b, length, heads, d)
+        table_t = table.t()  # (heads, T)
+        saved = []
+        for (start, end), idx in zip(segments, index, strict=True):
+            n = end - start
+            part = t[:, start:end].permute(2, 0, 3, 1, 4)  # (3, B, heads, n, d) view
+            q = (part[0] * scale).reshape(b * heads, n, d)
+            k = part[1].reshape(b * heads, n, d)
+            v = part[2].reshape(b * heads, n, d)
+            scores = torch.bmm(q, k.transpose(1, 2)).view(b, heads, n, n)
+            scores += table_t.index_select(1, idx).view(heads, n, n).to(scores.dtype)
+            attn = _SOFTMAX_OUT(scores, -1, False, out=scores).view(b * heads, n, n)
+            out[:, start:end].copy_(torch.bmm(attn, v).view(b, heads, n, d).transpose(1, 2))
+            saved += [q, k, v, attn]
+        ctx.save_for_backward(*saved, *index)
+        ctx.meta = (b, length, heads, d, scale, table.shape, table.dtype, segments)
+        return out.view(b, length, heads * d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        b, length, heads, d, scale, table_shape, table_dtype, segments = ctx.meta
+        tensors = ctx.saved_tensors
+        num = len(segments)
+        index = tensors[4 * num:]
+        g = grad.reshape(b, length, heads, d)
+        gqkv = grad.new_empty(b, length, 3, heads, d)
+        gtable_t = grad.new_zeros(table_shape[1], table_shape[0], dtype=table_dtype)  # (heads, T)
+        for i, ((start, end), idx) in enumerate(zip(segments, index, strict=True)):
+            n = end - start
+            q, k, v, attn = tensors[4 * i:4 * i + 4]
+            go = g[:, start:end].transpose(1, 2).reshape(b * heads, n, d)
+            gattn = torch.bmm(go, v.transpose(1, 2))
+            gv = torch.bmm(attn.transpose(1, 2), go)
+            gs = _SOFTMAX_BACKWARD_OUT(gattn, attn, -1, attn.dtype, grad_input=gattn)
+            gtable_t.index_add_(1, idx, gs.view(b, heads, n * n).sum(0).to(table_dtype))
+            gq = torch.bmm(gs, k).mul_(scale)
+            gk = torch.bmm(gs.transpose(1, 2), q)
+            dst = gqkv[:, start:end]
+            for j, part in enumerate((gq, gk, gv)):
+                dst[:, :, j].copy_(part.view(b, heads, n, d).transpose(1, 2))
+        return gqkv.view(b, length, 3 * heads * d), gtable_t.t(), None, None, None
+
+
+def _segment_attention_applies(x: Tensor, weight: Tensor, attn_drop: float) -> bool:
+    """Segmented attention as one node (:class:`_SegmentAttention`) where the attention is
+    written out anyway (training on the CPU) and there is no attention dropout."""
+    return _explicit_attention_applies(x, weight) and attn_drop == 0
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative position bias."""
 
@@ -437,7 +509,10 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, plan: AttentionPlan) -> Tensor:
         """x: (B, L, C) tokens in the plan's order."""
         qkv = self.qkv(x)
-        if plan.segments is not None:
+        drop = self.attn_drop if self.training else 0.0
+        if plan.segments is not None and _segment_attention_applies(qkv, self.rel_pos_table, drop):
+            out = _SegmentAttention.apply(qkv, self.rel_pos_table, self.num_heads, plan.segments, plan.segment_index)
+        elif plan.segments is not None:
             pieces = qkv.split([e - s for s, e in plan.segments], dim=1)  # split, not slicing: one gradient buffer
             parts = [self._attend(piece, self.gather_bias(index), 1)
                      for piece, index in zip(pieces, plan.segment_index, strict=True)]
