@@ -73,6 +73,26 @@ def test_onednn_linear_matches_f_linear(bias, cin, cout):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear op")
+def test_fused_mlp_matches_the_plain_layers(plain_paths):
+    """fc1-GELU-fc2 as one node (GELU gradient written in place) equals the three layers."""
+    torch.manual_seed(0)
+    mlp = layers.Mlp(24, 96)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    params = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    out = mlp(x)
+    assert out.grad_fn.name() == "_OneDNNMlpBackward"
+    gy = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, gy)
+    plain_paths()
+    ref = mlp(x)
+    assert ref.grad_fn.name() != "_OneDNNMlpBackward"
+    want = torch.autograd.grad(ref, params, gy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
 def test_onednn_linear_stays_out_of_autocast_and_other_dtypes(monkeypatch):
     w = torch.randn(8, 4)
     assert onednn_linear_applies(torch.randn(2, 4), w) == (layers._ONEDNN_LINEAR is not None)

@@ -88,18 +88,55 @@ class _OneDNNLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _onednn_mm(g2, weight.t()).view(ctx.x_shape)  # oneDNN reads the strided weight as it is
-        if ctx.needs_input_grad[1]:
-            # oneDNN's entry point copies the two transposed operands first; with few
-            # channels per token that copy costs more than its faster product saves.
-            cin, cout = x2.shape[1], g2.shape[1]
-            gw = _onednn_mm(g2.t(), x2.t()) if cin * cout >= 128 * (cin + cout) else g2.t().mm(x2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        return gx, gw, gb
+        gx, gw, gb = _onednn_linear_grads(grad.reshape(-1, grad.shape[-1]), x2, weight, ctx.needs_input_grad[0],
+                                          ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw, gb
+
+
+def _onednn_linear_grads(g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, need_w: bool,
+                         need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Input (2-D), weight and bias gradients of ``x2 @ weight.T + bias`` for the output gradient ``g2``."""
+    gx = gw = gb = None
+    if need_x:
+        gx = _onednn_mm(g2, weight.t())  # oneDNN reads the strided weight as it is
+    if need_w:
+        # oneDNN's entry point copies the transposed first operand; with few channels per
+        # token that copy costs more than its faster product saves.
+        cin, cout = x2.shape[1], g2.shape[1]
+        gw = _onednn_mm(g2.t(), x2.t()) if cin * cout >= 128 * (cin + cout) else g2.t().mm(x2)
+    if need_b:
+        gb = g2.sum(0)
+    return gx, gw, gb
+
+
+_GELU_BACKWARD_INTO = torch.ops.aten.gelu_backward.grad_input
+
+
+class _OneDNNMlp(torch.autograd.Function):
+    """fc1, exact GELU, fc2 as one node: the three products of each linear by oneDNN (as
+    :class:`_OneDNNLinear`) and the GELU gradient written over the gradient it is computed
+    from, which no one else holds, instead of into a new buffer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = _onednn_mm(x2, w1, b1)
+        a = F.gelu(h)
+        ctx.save_for_backward(x2, w1, h, a, w2)
+        ctx.x_shape = x.shape
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return _onednn_mm(a, w2, b2).view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x2, w1, h, a, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        ga, gw2, gb2 = _onednn_linear_grads(grad.reshape(-1, grad.shape[-1]), a, w2, True, need[3],
+                                            ctx.has_bias[1] and need[4])
+        gh = _GELU_BACKWARD_INTO(ga, h, grad_input=ga)
+        gx, gw1, gb1 = _onednn_linear_grads(gh, x2, w1, need[0], need[1], ctx.has_bias[0] and need[2])
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2
 
 
 def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -138,6 +175,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        if (isinstance(self.drop, nn.Identity) and self.act.approximate == "none" and onednn_linear_applies(x, w1)
+                and torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)):
+            return _OneDNNMlp.apply(x, w1, self.fc1.bias, w2, self.fc2.bias)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
