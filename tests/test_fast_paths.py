@@ -1,9 +1,10 @@
 """The CPU fast paths of the encoder compute what the plain formulation computes.
 
-Training on the CPU takes three routes of its own (oneDNN linear products, the written-out
-attention with an in-place bias, per-group attention over whole-map windows with tokens
-kept in attention order through a stage). Each is checked here, forward and backward,
-against ``F.linear`` / ``F.scaled_dot_product_attention`` on row-major tokens.
+Training on the CPU takes routes of its own (oneDNN linear products, the MLP as one oneDNN
+node with the GELU gradient in place, the written-out attention with an in-place bias,
+per-group attention in every window as one autograd node, with tokens kept in attention
+order through a stage). Each is checked here, forward and backward, against ``F.linear`` /
+``F.scaled_dot_product_attention`` on row-major tokens with a -inf group bias.
 """
 
 from __future__ import annotations
