@@ -100,13 +100,17 @@ def _onednn_linear_grads(g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, n
     if need_x:
         gx = _onednn_mm(g2, weight.t())  # oneDNN reads the strided weight as it is
     if need_w:
-        # oneDNN's entry point copies the transposed first operand; with few channels per
-        # token that copy costs more than its faster product saves.
-        cin, cout = x2.shape[1], g2.shape[1]
-        gw = _onednn_mm(g2.t(), x2.t()) if cin * cout >= 128 * (cin + cout) else g2.t().mm(x2)
+        gw = _weight_grad(g2, x2)
     if need_b:
         gb = g2.sum(0)
     return gx, gw, gb
+
+
+def _weight_grad(g2: Tensor, x2: Tensor) -> Tensor:
+    """``g2.T @ x2``. oneDNN's entry point copies the transposed first operand; with few
+    channels per token that copy costs more than its faster product saves."""
+    cin, cout = x2.shape[1], g2.shape[1]
+    return _onednn_mm(g2.t(), x2.t()) if cin * cout >= 128 * (cin + cout) else g2.t().mm(x2)
 
 
 _GELU_BACKWARD_INTO = torch.ops.aten.gelu_backward.grad_input
