@@ -14,8 +14,12 @@ Speed notes (the numerics are those of the plain formulation):
   segment attends only to itself, which skips the masked part of the scores instead of
   computing and masking it (off the CPU, windows smaller than the map keep one additive
   bias per block: relative position + group, -inf across groups).
-- Training on the CPU writes the attention out (scores, in-place bias, softmax);
-  elsewhere it goes through ``F.scaled_dot_product_attention``.
+- Training on the CPU writes the attention out (scores, in-place bias, softmax), for
+  the segments of group-restricted attention as one autograd node with the softmax and
+  its gradient in place (:class:`_SegmentAttention`); elsewhere it goes through
+  ``F.scaled_dot_product_attention``.
+- Training on the CPU in fp32, the MLP (fc1, GELU, fc2) is one oneDNN node whose GELU
+  gradient overwrites the buffer it is computed from (:class:`_OneDNNMlp`).
 """
 
 from __future__ import annotations
