@@ -213,6 +213,24 @@ def test_mask_rcnn_training_lowers_the_loss_and_evaluates(coco_root):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
 
 
+def test_anchor_sizes_reach_the_rpn_and_bad_ones_are_refused():
+    from mixmim.engine.config import ConfigError, from_mapping
+    from mixmim.transfer.dense_config import DetectionConfig, check_config
+
+    default = build_mask_rcnn(small_backbone(64), 3, size=64, **SMALL_RCNN)
+    assert [s[0] for s in default.rpn.anchor_generator.sizes] == [32, 64, 128, 256, 512]
+    small = build_mask_rcnn(small_backbone(64), 3, size=64, anchor_sizes=(8, 16, 32, 64, 128), **SMALL_RCNN)
+    assert [s[0] for s in small.rpn.anchor_generator.sizes] == [8, 16, 32, 64, 128]
+    assert small.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
+    with pytest.raises(ValueError, match="expected 5 sizes"):
+        build_mask_rcnn(small_backbone(64), 3, size=64, anchor_sizes=(8, 16, 32))
+    cfg = from_mapping(DetectionConfig, {"img_size": 64, "anchor_sizes": [16, 8, 32, 64, 128]}, "coco")
+    with pytest.raises(ConfigError, match=r"anchor_sizes=\[16, 8, 32, 64, 128\]: expected five increasing"):
+        check_config(cfg, "coco")
+    with pytest.raises(ConfigError, match="anchor_sizes"):
+        from_mapping(DetectionConfig, {"anchor_sizes": [8, 16]}, "coco")
+
+
 def test_mask_rcnn_needs_a_backbone_that_covers_the_images():
     with pytest.raises(ValueError, match="img_size=96"):
         build_mask_rcnn(small_backbone(64), 3, min_size=80, max_size=96)

@@ -76,6 +76,9 @@ class DetectionConfig(DenseConfig):
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     fpn_channels: int = 256
     representation_size: int = 1024  # box head fc width
+    # one anchor size per FPN map ("0".."3", "pool"), in input pixels; None: torchvision's 32..512, which
+    # suits objects of 32 px and more (the built-in stand-in's objects are 10-28 px at 64 px input)
+    anchor_sizes: tuple[int, int, int, int, int] | None = None
     # torchvision MaskRCNN options (e.g. rpn_post_nms_top_n_train, box_batch_size_per_image)
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -154,6 +157,10 @@ def check_config(cfg: DenseConfig, where: str | None = None) -> None:
         for key in ("fpn_channels", "representation_size"):
             if getattr(cfg, key) < 1:
                 _fail(key, getattr(cfg, key), "expected a positive integer")
+        sizes = cfg.anchor_sizes
+        if sizes is not None and (min(sizes) < 1 or list(sizes) != sorted(sizes)):
+            _fail("anchor_sizes", list(sizes), "expected five increasing positive sizes in pixels (one per FPN map), "
+                  "e.g. [8, 16, 32, 64, 128], or null for torchvision's [32, 64, 128, 256, 512]")
     if isinstance(cfg, SegmentationConfig):
         if cfg.max_iters < 1:
             _fail("max_iters", cfg.max_iters, "expected a positive integer")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -98,6 +98,7 @@ def build_mask_rcnn(
     fpn_channels: int = 256,
     representation_size: int = 1024,
     norm: bool = True,
+    anchor_sizes: Sequence[int] | None = None,
     **maskrcnn_kwargs: Any,
 ) -> MaskRCNN:
     """torchvision Mask R-CNN over ``backbone`` for ``num_classes`` object categories (background added).
@@ -105,6 +106,9 @@ def build_mask_rcnn(
     Image size: ``size`` makes every image's longest side ``size`` (the LSJ setting,
     default the backbone's build size); or give torchvision's ``min_size``/``max_size``.
     The backbone must be built at least as large as the padded batch can get.
+    ``anchor_sizes``: one anchor size per FPN map ("0".."3", "pool"), default torchvision's
+    32..512 px; objects much smaller than the smallest anchor match no anchor well enough to
+    train the RPN, so small inputs need small anchors.
     ``maskrcnn_kwargs`` go to ``MaskRCNN`` (e.g. ``rpn_post_nms_top_n_train``).
     """
     if num_classes < 1:
@@ -123,7 +127,13 @@ def build_mask_rcnn(
         )
     neck = MixMIMFPN(backbone, fpn_channels, norm=norm)
     norm_layer = LayerNorm2d if norm else None
-    num_anchors = 3  # torchvision's default generator: one size per level, aspect ratios 0.5, 1, 2
+    ratios = (0.5, 1.0, 2.0)  # torchvision's default: one size per level, three aspect ratios
+    num_anchors = len(ratios)
+    if anchor_sizes is not None:
+        if len(anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes={list(anchor_sizes)}; expected 5 sizes, one per FPN map ('0'..'3', 'pool')")
+        maskrcnn_kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
+                                                                  (ratios,) * len(anchor_sizes))
     return MaskRCNN(
         neck,
         num_classes=None,  # given by the predictors below

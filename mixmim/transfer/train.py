@@ -205,7 +205,7 @@ def build_dense_backbone(cfg: DenseConfig) -> MixMIMBackbone:
 def build_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
     return build_mask_rcnn(build_dense_backbone(cfg), num_classes, size=cfg.img_size,
                            fpn_channels=cfg.fpn_channels, representation_size=cfg.representation_size,
-                           **cfg.detector_kwargs)
+                           anchor_sizes=cfg.anchor_sizes, **cfg.detector_kwargs)
 
 
 def build_segmentor(cfg: SegmentationConfig, num_classes: int) -> UperNetSegmentor:
