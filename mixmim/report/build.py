@@ -166,6 +166,11 @@ def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs
     return sorted(curves, key=lambda c: (order.get(c.group, len(order)), c.label != "default", c.label))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder, so a README written in any clone reads the same."""
+    return os.path.relpath(path)
+
+
 def _missing_store(tracking_uri: str | None) -> str | None:
     """Why a SQLite store cannot be read (the file does not exist: reading must not create it), else None."""
     prefix = "sqlite:///"
@@ -291,7 +296,7 @@ def build_report(
             plots["mixing_reconstruction.png"] = lambda: _mixing_figure(weights, images)
         elif weights is not None and images is not None:
             report.skipped["mixing_reconstruction.png"] = (
-                f"{weights} is not a file" if not weights.is_file() else f"{images} is not a folder")
+                f"{_shown(weights)} is not a file" if not weights.is_file() else f"{_shown(images)} is not a folder")
         else:
             given = [name for name, value in (("pretrain_weights", weights), ("sample_images", images)) if value]
             report.skipped["mixing_reconstruction.png"] = (
