@@ -65,6 +65,15 @@ def _pipeline(args: argparse.Namespace) -> int:
         return 1
 
 
+def _merge_runs(args: argparse.Namespace) -> int:
+    from .tracking_merge import merge_runs, store_uri
+
+    summary = merge_runs(store_uri(args.src), store_uri(args.dst), args.experiment or None)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmim", description="MixMIM reproduction suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--params", required=True, help="the pipeline's params.yaml (its tracking section)")
     pipe.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- dvc repro FILE")
     pipe.set_defaults(func=_pipeline)
+    merge = sub.add_parser(
+        "merge-runs", help="copy the MLflow runs of one tracking store into another",
+        description="Copy every run (tags, params, full metric histories, artifacts) of SRC's experiments "
+                    "into DST, e.g. the runs of one pipeline made in two clones. Runs copied before are "
+                    "skipped; a group run whose key DST already has is not duplicated, its seeds join the "
+                    "existing group and its seeds/* metrics are recomputed. SRC is only read.")
+    merge.add_argument("src", metavar="SRC_URI",
+                       help="the store to copy from: a tracking URI, or the path of an mlflow.db file "
+                            "(taken as sqlite:///<absolute path>); it must exist")
+    merge.add_argument("dst", metavar="DST_URI",
+                       help="the store to copy into, same forms; a missing SQLite file is created")
+    merge.add_argument("--experiment", action="append", metavar="NAME",
+                       help="copy only this experiment (repeatable; default: every active experiment)")
+    merge.set_defaults(func=_merge_runs)
     return parser
 
 
