@@ -5,6 +5,9 @@
 * :func:`paired_bootstrap_test` - two systems scored on the same items: interval of the
   difference and a two-sided p-value from the bootstrap distribution shifted to the null.
 * :func:`mcnemar_exact` - exact McNemar test for paired top-1 correctness.
+* :func:`paired_t_test` - two variants run with the same seeds (same initialisation, data
+  order and masks per seed): Student t on the per-seed differences, for values that have no
+  per-item records (a pretraining loss).
 * :func:`miou_from_counts` / :func:`coco_ap_from_records` - mIoU and COCO AP recomputed exactly
   from per-image records, so the bootstrap can resample images and recompute the metric.
 
@@ -25,7 +28,7 @@ from scipy import stats as _sp
 __all__ = [
     "COCO_IOU_THRESHOLDS", "COCO_RECALL_POINTS", "CocoAP", "Interval", "PairedTest", "bootstrap_indices",
     "bootstrap_interval", "coco_ap_from_records", "mcnemar_exact", "miou_from_counts", "paired_bootstrap_test",
-    "t_interval",
+    "paired_t_test", "t_interval",
 ]
 
 DEFAULT_RESAMPLES = 2000
@@ -179,6 +182,31 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paire
     half = float(_sp.norm.ppf(0.975) * math.sqrt(max(var, 0.0)))
     return PairedTest(100 * diff, 100 * (diff - half), 100 * (diff + half), min(1.0, p_value), n,
                       f"exact McNemar on {n} paired items ({n01} vs {n10} discordant)")
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedTest:
+    """Paired Student t test of ``a - b`` where ``a[i]`` and ``b[i]`` share seed ``i``.
+
+    For a value with no per-item records, the seeds are the only replication; pairing them
+    removes what a seed shares across variants (initialisation, data order). Needs two or
+    more pairs; identical pairs give p = 1 (no difference to test) rather than NaN.
+    """
+    _check_confidence(confidence)
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"paired_t_test: expected two equal-length 1-D sequences of at least 2 values (one per "
+                         f"seed), got shapes {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError(f"paired_t_test: values must be finite, got {x.tolist()} and {y.tolist()}")
+    d = x - y
+    n = len(d)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0:
+        p_value = 1.0 if mean == 0.0 else 0.0
+        return PairedTest(mean, mean, mean, p_value, n, f"paired t over {n} seeds (constant difference)")
+    half = float(_sp.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+    p_value = float(_sp.ttest_rel(x, y).pvalue)
+    return PairedTest(mean, mean - half, mean + half, p_value, n, f"paired t over {n} seeds")
 
 
 # --------------------------------------------------------------------------- dense metrics

@@ -95,8 +95,10 @@ def _populate(root: Path) -> None:
     _classification(d, "probe_imagenet_pretrained_s0", 0.55, 11, "_linear", key="linear_top1")
     # ablations: three seeds of the default and of fill-zero, one of the others
     for seed in range(3):
-        _metrics(a, f"pretrain_default_s{seed}", epochs=4, train_loss=0.5, mean_loss_baseline=0.9, seed=seed)
-        _metrics(a, f"pretrain_fill-zero_s{seed}", epochs=4, train_loss=0.6, seed=seed)
+        _metrics(a, f"pretrain_default_s{seed}", epochs=4, train_loss=[0.50, 0.52, 0.51][seed],
+                 mean_loss_baseline=0.9, seed=seed)
+        _metrics(a, f"pretrain_fill-zero_s{seed}", epochs=4, train_loss=[0.60, 0.63, 0.61][seed],
+                 mean_loss_baseline=0.9, seed=seed)
         _classification(a, f"finetune_default_s{seed}", [0.70, 0.75, 0.80][seed], 20 + seed, seed=seed, **common)
         _classification(a, f"finetune_fill-zero_s{seed}", [0.20, 0.25, 0.30][seed], 30 + seed, seed=seed, **common)
     _segmentation(a, "ade20k_default_s0", 0.8, 40)
@@ -211,6 +213,27 @@ def test_seeds_give_a_t_interval_and_paired_tests_resolve(built: Mapping[str, An
         "— (no finetune_fill-learnable_s*.json in the ablations pipeline's metrics)")
     md = (built["out"] / "tables" / "table6_filling.md").read_text()
     assert "75.0 (" in md and "chance level" in md and "n = 120 validation images" in md
+
+
+def test_pretraining_loss_per_variant_with_seed_interval_and_paired_t(built: Mapping[str, Any]) -> None:
+    t6 = _table(built, "table6_filling")
+    default, zero = _row(t6, fill="mix"), _row(t6, fill="zero")
+    ci = stats.t_interval([0.50, 0.52, 0.51])
+    assert default["pretrain_loss_ours"] == "0.510" and default["pretrain_loss_n_seeds"] == "3"
+    assert (float(default["pretrain_loss_ours_ci_low"]), float(default["pretrain_loss_ours_ci_high"])) == (
+        pytest.approx((ci.low, ci.high), abs=6e-4))
+    assert default["pretrain_loss_chance"] == "0.900"  # the predict-the-mean level
+    assert zero["pretrain_loss_diff_vs_default"] == "+0.103"
+    p = stats.paired_t_test([0.60, 0.63, 0.61], [0.50, 0.52, 0.51]).p_value
+    assert float(zero["pretrain_loss_p_vs_default"]) == pytest.approx(p, rel=1e-2) and p < 0.05
+    assert zero["pretrain_loss_resolved_vs_default"] == "yes"
+    md = (built["out"] / "tables" / "table6_filling.md").read_text()
+    assert "0.510 (" in md and "paired t test over seeds" in md
+    # one seed and no loss recorded: the cell says which file lacks it, and nothing is tested
+    t8 = _table(built, "table8_masking")
+    one = t8[t8["variant_ours"] == "mask-range-40-20"].iloc[0]
+    assert one["pretrain_loss_ours"] == "— (no train_loss in pretrain_mask-range-40-20_s0.json)"
+    assert one["pretrain_loss_resolved_vs_default"] == "—"
 
 
 def test_single_seed_gets_a_bootstrap_interval_and_mcnemar(built: Mapping[str, Any]) -> None:

@@ -39,6 +39,26 @@ def test_mcnemar_on_textbook_table():
     assert got.resolved()
 
 
+def test_paired_t_matches_hand_computation():
+    # differences 1, 2, 2, 3: mean 2, sd sqrt(2/3), t = 2 / (sd / 2) = 2 * sqrt(6) on 3 degrees of freedom
+    got = stats.paired_t_test([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0])
+    t = 2 * math.sqrt(6)
+    assert got.diff == pytest.approx(2.0) and got.n == 4
+    assert got.p_value == pytest.approx(2 * stats._sp.t.sf(t, 3), rel=1e-9)
+    half = 3.182446305284263 * math.sqrt(2 / 3) / 2
+    assert (got.low, got.high) == pytest.approx((2 - half, 2 + half), abs=1e-9)
+    assert got.resolved()
+
+
+def test_paired_t_constant_differences_and_refusals():
+    assert stats.paired_t_test([0.5, 0.6], [0.5, 0.6]).p_value == 1.0  # identical: nothing to resolve
+    assert stats.paired_t_test([0.6, 0.7], [0.5, 0.6]).p_value == 0.0  # the same shift on every seed
+    with pytest.raises(ValueError, match="at least 2 values"):
+        stats.paired_t_test([0.5], [0.4])
+    with pytest.raises(ValueError, match="equal-length"):
+        stats.paired_t_test([0.5, 0.6, 0.7], [0.4, 0.5])
+
+
 def test_mcnemar_identical_is_one():
     a = np.random.default_rng(0).random(100) > 0.5
     assert stats.mcnemar_exact(a, a).p_value == 1.0

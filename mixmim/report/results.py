@@ -209,7 +209,13 @@ class Measure:
     label: str
     scale: float = 1.0
     records_suffix: str = ""
-    kind: str = "classification"  # classification | segmentation | detection-box | detection-mask
+    kind: str = "classification"  # classification | segmentation | detection-box | detection-mask | loss
+    digits: int = 1  # decimals shown
+
+    @property
+    def per_image(self) -> bool:
+        """Whether runs keep per-image records of it; a loss has one value per run, so seeds are its only sample."""
+        return self.kind != "loss"
 
     def per_item(self, record: Mapping[str, Any]) -> np.ndarray | None:
         """0/1 correctness per image (classification only)."""
@@ -237,6 +243,9 @@ MEASURES: dict[str, Measure] = {
     "miou": Measure("miou", "mIoU (%)", 100.0, kind="segmentation"),
     "ap_box": Measure("ap_box", "AP box (%)", 100.0, kind="detection-box"),
     "ap_mask": Measure("ap_mask", "AP mask (%)", 100.0, kind="detection-mask"),
+    # The last epoch's mean reconstruction loss on the variant's own masked cells; its "chance"
+    # level is the predict-the-mean loss (each masked cell filled with its true mean colour).
+    "pretrain_loss": Measure("train_loss", "pretraining loss", kind="loss", digits=3),
 }
 
 
@@ -250,14 +259,15 @@ class Estimate:
     n_val: int | None
     n_seeds: int
     method: str
+    digits: int = 1
 
     def cell(self) -> str:
-        return f"{self.value:.1f}"
+        return f"{self.value:.{self.digits}f}"
 
     def interval(self) -> str:
         if math.isnan(self.low) or math.isnan(self.high):
             return "no interval"
-        return f"{self.low:.1f}–{self.high:.1f}"
+        return f"{self.low:.{self.digits}f}–{self.high:.{self.digits}f}"
 
     def display(self) -> str:
         return f"{self.cell()} ({self.interval()})"
@@ -276,15 +286,17 @@ def estimate(group: list[Result], measure: Measure, resamples: int = stats.DEFAU
     values_ok = [v * measure.scale for v in values if v is not None]
     if not values_ok:
         return None
-    records = _records_of(group, measure)
-    n_val = int(records[0]["n_val"]) if records else _n_val(group)
+    records = _records_of(group, measure) if measure.per_image else None
+    n_val = int(records[0]["n_val"]) if records else _n_val(group) if measure.per_image else None
+    digits = measure.digits
     if len(values_ok) >= 2:
         ci = stats.t_interval(values_ok)
-        return Estimate(ci.value, ci.low, ci.high, n_val, len(values_ok), ci.method)
+        return Estimate(ci.value, ci.low, ci.high, n_val, len(values_ok), ci.method, digits)
     if records is None:
-        return Estimate(values_ok[0], math.nan, math.nan, n_val, 1, "one seed, no per-image records")
+        why = "one seed, no per-image records" if measure.per_image else "one seed (one value per run)"
+        return Estimate(values_ok[0], math.nan, math.nan, n_val, 1, why, digits)
     ci = stats.bootstrap_interval(measure.function(records[0]), n=int(records[0]["n_val"]), resamples=resamples)
-    return Estimate(values_ok[0], ci.low, ci.high, n_val, 1, f"bootstrap over {ci.n} images")
+    return Estimate(values_ok[0], ci.low, ci.high, n_val, 1, f"bootstrap over {ci.n} images", digits)
 
 
 def _n_val(group: list[Result]) -> int | None:
@@ -299,6 +311,7 @@ class Comparison:
     diff: float | None
     p_value: float | None
     method: str
+    digits: int = 1
 
     @property
     def resolved(self) -> str:
@@ -312,7 +325,7 @@ class Comparison:
         return f"{self.p_value:.3g}"
 
     def diff_cell(self) -> str:
-        return "—" if self.diff is None else f"{self.diff:+.1f}"
+        return "—" if self.diff is None else f"{self.diff:+.{self.digits}f}"
 
 
 def compare(a: list[Result], b: list[Result], measure: Measure,
@@ -322,6 +335,8 @@ def compare(a: list[Result], b: list[Result], measure: Measure,
     diff = ea.value - eb.value if ea is not None and eb is not None else None
     if ea is None or eb is None:
         return Comparison(None, None, "needs both results")
+    if not measure.per_image:
+        return _compare_by_seed(a, b, measure, diff)
     ra, rb = _records_of(a, measure), _records_of(b, measure)
     if ra is None or rb is None:
         return Comparison(diff, None, "no per-image records")
@@ -346,6 +361,18 @@ def compare(a: list[Result], b: list[Result], measure: Measure,
     return Comparison(diff, test.p_value, "paired bootstrap over images")
 
 
+def _compare_by_seed(a: list[Result], b: list[Result], measure: Measure, diff: float) -> Comparison:
+    """A value with no per-item records (a loss): paired t over the seeds both variants ran."""
+    va = {r.seed: r.value(measure.key) for r in a}
+    vb = {r.seed: r.value(measure.key) for r in b}
+    seeds = sorted(s for s in va if s in vb and va[s] is not None and vb[s] is not None)
+    if len(seeds) < 2:
+        return Comparison(diff, None, f"{len(seeds)} shared seed(s): no test without per-item records",
+                          measure.digits)
+    test = stats.paired_t_test([va[s] * measure.scale for s in seeds], [vb[s] * measure.scale for s in seeds])
+    return Comparison(diff, test.p_value, test.method, measure.digits)
+
+
 def chance_level(group: list[Result], measure: Measure) -> float | None:
     """The best constant predictor's score: most frequent validation class (top-1), majority-class mIoU, AP 0."""
     if not group:
@@ -359,4 +386,7 @@ def chance_level(group: list[Result], measure: Measure) -> float | None:
     if measure.kind == "segmentation":
         base = group[0].value("baseline_miou")
         return None if base is None else 100.0 * base
+    if measure.kind == "loss":
+        levels = [v for v in (r.value("mean_loss_baseline") for r in group) if v is not None]
+        return sum(levels) / len(levels) if levels else None
     return 0.0

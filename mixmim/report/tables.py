@@ -138,8 +138,8 @@ def missing(reason: str) -> str:
     return f"{DASH} ({reason})"
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.1f}"
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 # --------------------------------------------------------------------------- cells
@@ -153,9 +153,9 @@ def ours_cells(ctx: Context, prefix: str, group: list[Result], measure: Measure,
         return {f"{prefix}_ours": missing(reason), f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
                 f"{prefix}_n_val": "", f"{prefix}_n_seeds": "", f"{prefix}_chance": ""}
     chance = chance_level(group, measure)
-    return {f"{prefix}_ours": est.cell(), f"{prefix}_ours_ci_low": _fmt(est.low),
-            f"{prefix}_ours_ci_high": _fmt(est.high), f"{prefix}_n_val": str(est.n_val or ""),
-            f"{prefix}_n_seeds": str(est.n_seeds), f"{prefix}_chance": _fmt(chance)}
+    return {f"{prefix}_ours": est.cell(), f"{prefix}_ours_ci_low": _fmt(est.low, est.digits),
+            f"{prefix}_ours_ci_high": _fmt(est.high, est.digits), f"{prefix}_n_val": str(est.n_val or ""),
+            f"{prefix}_n_seeds": str(est.n_seeds), f"{prefix}_chance": _fmt(chance, est.digits)}
 
 
 def versus_cells(ctx: Context, prefix: str, ref: str, a: list[Result], b: list[Result],
@@ -323,7 +323,15 @@ def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure, why:
     seeds = sorted({e.n_seeds for e in ests})
     bare = sorted({e.method for e in ests if math.isnan(e.low) or math.isnan(e.high)})
     chance = next((c for g in groups if g for c in [chance_level(g, measure)] if c is not None), None)
-    chance_txt = "unknown (no per-image records)" if chance is None else f"{chance:.1f}"
+    chance_txt = "unknown (no per-image records)" if chance is None else f"{chance:.{measure.digits}f}"
+    if measure.kind == "loss":
+        return (f"{measure.label}: the last epoch's mean reconstruction loss on each variant's own masked cells, "
+                f"{', '.join(map(str, seeds))} seed(s) per variant, compared by a paired t test over seeds (same "
+                f"seed = same initialisation, data order and mask draws); the predict-the-mean level (every masked "
+                f"cell its true mean colour) = {chance_txt} (the *_chance column). Variants that change the task "
+                "(fill, mask ratio, one or two reconstructions) are not compared on it as encoders: a lower loss "
+                "there is an easier task (section 5 reads shuffle and zoom-in that way)."
+                + (f"; values shown with 'no interval': {', '.join(bare)}" if bare else ""))
     what = {"classification": "most frequent validation class", "segmentation": "majority-class mIoU",
             }.get(measure.kind, "a detector without signal")
     return (f"{measure.label}: n = {', '.join(map(str, n_val)) or '?'} validation images, "
@@ -336,7 +344,8 @@ def standard_note(ctx: Context) -> str:
     return ("Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over validation "
             f"images ({ctx.resamples} resamples, metric recomputed per resample). Tests: exact McNemar (one seed "
             "each, top-1), else paired bootstrap over the shared validation images of the seed-averaged metric "
-            "(seed-to-seed variance shows in the t intervals, not in the test); resolved = p < 0.05. Values are "
+            "(seed-to-seed variance shows in the t intervals, not in the test); a value with no per-image records "
+            "(the pretraining loss) is compared by a paired t test over shared seeds; resolved = p < 0.05. Values are "
             "the last epoch's. Which paper row each run stands beside: run_mapping.")
 
 
@@ -603,7 +612,8 @@ def table5(ctx: Context) -> Table:
 # --------------------------------------------------------------------------- ablations (Tables 6-10)
 
 #: measure -> the ablations pipeline's stage that produces it
-ABLATION_MEASURES = (("top1", "finetune"), ("miou", "ade20k"), ("knn_top1", "probe"), ("linear_top1", "probe"))
+ABLATION_MEASURES = (("top1", "finetune"), ("miou", "ade20k"), ("knn_top1", "probe"), ("linear_top1", "probe"),
+                     ("pretrain_loss", "pretrain"))
 
 
 def _ablation_measures(res: Results) -> list[tuple[str, str]]:
