@@ -330,6 +330,22 @@ def test_loss_curves_band_over_seeds() -> None:
     assert "band" not in figs.loss_curves_figure([]).get_suptitle()
 
 
+def test_crowded_loss_panel_keeps_its_legend_off_the_curves() -> None:
+    """With many variants the legend goes below the axes, so it cannot hide the curves or the y label."""
+    from mixmim.report import figures as figs
+
+    curves = [figs.LossCurve(f"v{k}", [([1, 2, 3], [1.0 + k, 0.8 + k, 0.6 + k])], "ablations") for k in range(12)]
+    fig = figs.loss_curves_figure(curves, {"ablations": 0.4})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y1 <= frame.y0  # entirely below the plotting area
+    few = figs.loss_curves_figure(curves[:3])
+    few.canvas.draw()
+    inside = few.axes[0].get_legend().get_window_extent()
+    assert few.axes[0].get_window_extent().contains(inside.x0 + 1, inside.y0 + 1)
+
+
 def test_perfect_prediction_reconstructs_the_image() -> None:
     """Unnormalising with the target cell's statistics inverts norm_pix targets exactly (a check of the maths)."""
     torch.manual_seed(0)

@@ -143,7 +143,9 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
     and the predict-the-mean loss of that pipeline's data as a dashed level."""
     baselines = dict(baselines or {})
     groups = list(dict.fromkeys(c.group for c in curves)) or [""]
-    fig = Figure(figsize=(5.2 * len(groups), 4.6), layout="constrained")
+    crowded = max((sum(c.group == g for c in curves) for g in groups), default=0) > 8
+    # A panel with many variants puts its legend below the axes: inside, it would hide the curves' start.
+    fig = Figure(figsize=(5.2 * len(groups), 6.4 if crowded else 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups):
         members = [c for c in curves if c.group == group]
@@ -162,8 +164,10 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
             ax.axhline(baselines[group], color="black", linestyle="--", linewidth=1.0,
                        label=f"predict-the-mean level (flat cells of each cell's true mean colour): "
                              f"{baselines[group]:.3f}")
-        if members:
-            ax.legend(fontsize=6.5, ncol=2 if len(members) > 8 else 1, loc="upper right")
+        if members and len(members) > 8:
+            ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+        elif members:
+            ax.legend(fontsize=6.5, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no pretraining run with a train/loss history", transform=ax.transAxes,
                     ha="center", va="center")
