@@ -27,6 +27,7 @@ from mixmim.engine.config import ConfigError, PretrainConfig, to_dict
 from mixmim.models import build_pretrainer, patchify
 from mixmim.records import write_classification_records, write_detection_records, write_segmentation_records
 from mixmim.report import build_report, build_tables_from
+from mixmim.report.results import MEASURES
 from mixmim.report.reconstruction import paste, unnormalise_cells
 from mixmim.tracking import Tracker, default_tracking_uri
 
@@ -213,6 +214,23 @@ def test_seeds_give_a_t_interval_and_paired_tests_resolve(built: Mapping[str, An
         "— (no finetune_fill-learnable_s*.json in the ablations pipeline's metrics)")
     md = (built["out"] / "tables" / "table6_filling.md").read_text()
     assert "75.0 (" in md and "chance level" in md and "n = 120 validation images" in md
+
+
+def test_a_difference_one_seed_makes_is_not_resolved(tmp_path: Path) -> None:
+    """Seed-averaged predictions differ clearly on the images, but the seeds disagree: not resolved."""
+    from mixmim.report.results import compare, load_results
+
+    folder = tmp_path / "metrics"
+    for seed, (acc_a, acc_b) in enumerate([(0.95, 0.60), (0.55, 0.60), (0.95, 0.60)]):
+        _classification(folder, f"finetune_a_s{seed}", acc_a, 100 + seed, seed=seed)
+        _classification(folder, f"finetune_b_s{seed}", acc_b, 200 + seed, seed=seed)
+    res = load_results({"ablations": "metrics"}, tmp_path)
+    test = compare(res.group("ablations", "finetune", "a"), res.group("ablations", "finetune", "b"), MEASURES["top1"],
+                   resamples=1000)
+    assert test.p_value is not None and test.p_value < 0.05  # the image-level test alone would call it
+    expected = stats.paired_t_test([95.0, 55.0, 95.0], [60.0, 60.0, 60.0]).p_value
+    assert test.p_seeds == pytest.approx(expected, rel=1e-6) and expected > 0.05
+    assert test.resolved == "no"
 
 
 def test_pretraining_loss_per_variant_with_seed_interval_and_paired_t(built: Mapping[str, Any]) -> None:

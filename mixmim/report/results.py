@@ -312,12 +312,19 @@ class Comparison:
     p_value: float | None
     method: str
     digits: int = 1
+    #: With two or more shared seeds: a paired t test of the per-seed values (training randomness),
+    #: which the image-level test of the seed-averaged metric does not see.
+    p_seeds: float | None = None
 
     @property
     def resolved(self) -> str:
+        """yes when the paired test is below 5% and, with two or more shared seeds, so is the per-seed test."""
         if self.p_value is None:
             return "—"
-        return "yes" if self.p_value < 0.05 else "no"
+        return "yes" if self.p_value < 0.05 and (self.p_seeds is None or self.p_seeds < 0.05) else "no"
+
+    def p_seeds_cell(self) -> str:
+        return "" if self.p_seeds is None else f"{self.p_seeds:.3g}"
 
     def p_cell(self) -> str:
         if self.p_value is None:
@@ -353,23 +360,36 @@ def compare(a: list[Result], b: list[Result], measure: Measure,
         mean_a = np.mean([measure.per_item(r) for r in ra], axis=0) * 100
         mean_b = np.mean([measure.per_item(r) for r in rb], axis=0) * 100
         test = stats.paired_bootstrap_test(mean_a, mean_b, resamples=resamples)
-        return Comparison(diff, test.p_value, "paired bootstrap over images")
+        return Comparison(diff, test.p_value, "paired bootstrap over images", p_seeds=_seed_p(a, b, measure))
     fa = [measure.function(r) for r in ra]
     fb = [measure.function(r) for r in rb]
     test = stats.paired_bootstrap_test(lambda idx: float(np.mean([f(idx) for f in fa])),
                                        lambda idx: float(np.mean([f(idx) for f in fb])), n=n, resamples=resamples)
-    return Comparison(diff, test.p_value, "paired bootstrap over images")
+    return Comparison(diff, test.p_value, "paired bootstrap over images", p_seeds=_seed_p(a, b, measure))
+
+
+def _seed_values(a: list[Result], b: list[Result], measure: Measure) -> tuple[list[float], list[float]]:
+    """The values of the seeds both variants ran, in seed order (shown units)."""
+    va = {r.seed: r.value(measure.key) for r in a}
+    vb = {r.seed: r.value(measure.key) for r in b}
+    seeds = sorted(s for s in va if s in vb and va[s] is not None and vb[s] is not None)
+    return [va[s] * measure.scale for s in seeds], [vb[s] * measure.scale for s in seeds]  # type: ignore[operator]
+
+
+def _seed_p(a: list[Result], b: list[Result], measure: Measure) -> float | None:
+    """Paired t over shared seeds (None with fewer than two): a difference that one lucky seed makes
+    looks resolved to the image-level test of the seed-averaged metric, not to this one."""
+    xa, xb = _seed_values(a, b, measure)
+    return stats.paired_t_test(xa, xb).p_value if len(xa) >= 2 else None
 
 
 def _compare_by_seed(a: list[Result], b: list[Result], measure: Measure, diff: float) -> Comparison:
     """A value with no per-item records (a loss): paired t over the seeds both variants ran."""
-    va = {r.seed: r.value(measure.key) for r in a}
-    vb = {r.seed: r.value(measure.key) for r in b}
-    seeds = sorted(s for s in va if s in vb and va[s] is not None and vb[s] is not None)
-    if len(seeds) < 2:
-        return Comparison(diff, None, f"{len(seeds)} shared seed(s): no test without per-item records",
+    xa, xb = _seed_values(a, b, measure)
+    if len(xa) < 2:
+        return Comparison(diff, None, f"{len(xa)} shared seed(s): no test without per-item records",
                           measure.digits)
-    test = stats.paired_t_test([va[s] * measure.scale for s in seeds], [vb[s] * measure.scale for s in seeds])
+    test = stats.paired_t_test(xa, xb)
     return Comparison(diff, test.p_value, test.method, measure.digits)
 
 

@@ -13,7 +13,8 @@ interval. Conventions, applied the same way in every table:
   majority-class mIoU for ADE20K, 0 for COCO AP).
 * Every comparison a table makes (ablation vs the default variant, pretrained vs scratch,
   backbone vs its scratch) has ``<m>_diff_vs_<ref>``, ``<m>_p_vs_<ref>`` (paired test on the
-  shared validation images) and ``<m>_resolved_vs_<ref>`` (yes/no at 5%).
+  shared validation images), ``<m>_p_seeds_vs_<ref>`` (paired t over shared seeds, blank with
+  fewer than two) and ``<m>_resolved_vs_<ref>`` (yes/no at 5%, by both tests when both exist).
 * Runs stand beside paper rows by one rule (:func:`place_budget`, listed in the
   ``run_mapping`` table): same configuration, and budgets matched by their ratio to the
   setting's default (ours: the pipeline's default pretraining budget; the paper's: 600
@@ -162,15 +163,26 @@ def versus_cells(ctx: Context, prefix: str, ref: str, a: list[Result], b: list[R
                  measure: Measure) -> dict[str, str]:
     """Difference, paired-test p-value and resolved flag of ``a`` against ``b`` (``ref`` names ``b``)."""
     test = ctx.compare(a, b, measure)
-    return {f"{prefix}_diff_vs_{ref}": test.diff_cell(), f"{prefix}_p_vs_{ref}": test.p_cell(),
-            f"{prefix}_resolved_vs_{ref}": test.resolved}
+    cells = {f"{prefix}_diff_vs_{ref}": test.diff_cell(), f"{prefix}_p_vs_{ref}": test.p_cell()}
+    if measure.per_image:
+        cells[f"{prefix}_p_seeds_vs_{ref}"] = test.p_seeds_cell()
+    return {**cells, f"{prefix}_resolved_vs_{ref}": test.resolved}
+
+
+def reference_cells(prefix: str, ref: str, p_text: str = "") -> dict[str, str]:
+    """The comparison cells of a row that has none (the reference itself, or no counterpart), with the
+    same columns :func:`versus_cells` writes for that measure."""
+    cells = {f"{prefix}_diff_vs_{ref}": "", f"{prefix}_p_vs_{ref}": p_text}
+    if prefix not in MEASURES or MEASURES[prefix].per_image:
+        cells[f"{prefix}_p_seeds_vs_{ref}"] = ""
+    return {**cells, f"{prefix}_resolved_vs_{ref}": ""}
 
 
 def blank_cells(prefix: str, text: str, ref: str | None = None) -> dict[str, str]:
     cells = {f"{prefix}_ours": text, f"{prefix}_ours_ci_low": "", f"{prefix}_ours_ci_high": "",
              f"{prefix}_n_val": "", f"{prefix}_n_seeds": "", f"{prefix}_chance": ""}
     if ref:
-        cells.update({f"{prefix}_diff_vs_{ref}": "", f"{prefix}_p_vs_{ref}": "", f"{prefix}_resolved_vs_{ref}": ""})
+        cells.update(reference_cells(prefix, ref))
     return cells
 
 
@@ -344,8 +356,10 @@ def standard_note(ctx: Context) -> str:
     return ("Intervals: 95%, Student t over seeds when >= 2 seeds, else percentile bootstrap over validation "
             f"images ({ctx.resamples} resamples, metric recomputed per resample). Tests: exact McNemar (one seed "
             "each, top-1), else paired bootstrap over the shared validation images of the seed-averaged metric "
-            "(seed-to-seed variance shows in the t intervals, not in the test); a value with no per-image records "
-            "(the pretraining loss) is compared by a paired t test over shared seeds; resolved = p < 0.05. Values are "
+            "(that test sees the validation sample, not training randomness, so with two or more shared seeds a "
+            "paired t test over the per-seed values is added, *_p_seeds_vs_*, and resolved needs both below 0.05); "
+            "a value with no per-image records (the pretraining loss) is compared by a paired t test over shared "
+            "seeds alone; resolved = p < 0.05. Values are "
             "the last epoch's. Which paper row each run stands beside: run_mapping.")
 
 
@@ -428,7 +442,7 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
             if stage == "finetune":
                 row.update(versus_cells(ctx, "top1", "scratch", group, res.group("backbones", "scratch", fam), top1))
             else:
-                row.update({"top1_diff_vs_scratch": "", "top1_p_vs_scratch": "", "top1_resolved_vs_scratch": ""})
+                row.update(reference_cells("top1", "scratch"))
             row["scale_ours"] = scale_label(res, group)
         else:
             if stage is None:
@@ -635,8 +649,7 @@ def _ablation_cells(ctx: Context, variant: str | None, paper: Mapping[str, str],
         group = res.group("ablations", stage, variant)
         cells.update(ours_cells(ctx, measure, group, MEASURES[measure], res.reason("ablations", stage, variant)))
         if variant == "default":
-            cells.update({f"{measure}_diff_vs_default": "", f"{measure}_p_vs_default": "(reference)",
-                          f"{measure}_resolved_vs_default": ""})
+            cells.update(reference_cells(measure, "default", "(reference)"))
         else:
             cells.update(versus_cells(ctx, measure, "default", group, res.group("ablations", stage, "default"),
                                       MEASURES[measure]))
