@@ -3,8 +3,9 @@
 One row per task, read from the default pipeline's metrics files named in the report's
 ``calibration`` map (params.yaml ``report.calibration``); a missing file gives ``—`` and
 the reason. ``resolved`` is ``yes`` when pretraining is ahead and the paired test on the
-shared validation images gives p < 0.05, or (no per-image records) when the two 95%
-intervals do not overlap; ``no`` otherwise.
+shared validation images gives p < 0.05 (with two or more seeds, and the paired t test over
+the seeds too, as in every table), or (no per-image records) when the two 95% intervals do not
+overlap; ``no`` otherwise.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def calibration_table(ctx: Context, entries: Mapping[str, CalibrationEntry] | No
         if ep is None or es is None:
             resolved = "—"
         elif test.p_value is not None:
-            resolved = "yes" if ep.value > es.value and test.p_value < 0.05 else "no"
+            resolved = "yes" if ep.value > es.value and test.resolved == "yes" else "no"  # both tests with seeds
         elif not (math.isnan(ep.low) or math.isnan(es.high)):
             resolved = "yes" if ep.low > es.high else "no"
         else:
