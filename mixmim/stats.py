@@ -201,8 +201,12 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.
     d = x - y
     n = len(d)
     mean, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd == 0.0:
-        p_value = 1.0 if mean == 0.0 else 0.0
+    # Differences that agree up to floating-point rounding (0.7 - 0.6 vs 0.6 - 0.5) are one
+    # constant shift: scipy would warn about catastrophic cancellation and return a p value
+    # computed from rounding noise, so they are treated exactly like an sd of zero.
+    rounding = 64 * np.finfo(np.float64).eps * max(float(np.abs(x).max()), float(np.abs(y).max()))
+    if sd <= rounding:
+        p_value = 1.0 if abs(mean) <= rounding else 0.0
         return PairedTest(mean, mean, mean, p_value, n, f"paired t over {n} seeds (constant difference)")
     half = float(_sp.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
     p_value = float(_sp.ttest_rel(x, y).pvalue)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +54,15 @@ def test_paired_t_matches_hand_computation():
 def test_paired_t_constant_differences_and_refusals():
     assert stats.paired_t_test([0.5, 0.6], [0.5, 0.6]).p_value == 1.0  # identical: nothing to resolve
     assert stats.paired_t_test([0.6, 0.7], [0.5, 0.6]).p_value == 0.0  # the same shift on every seed
+    # 0.7 - 0.6 and 0.6 - 0.5 differ in the last bit: still one constant shift, with no scipy
+    # precision-loss warning and an interval of zero width
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shift = stats.paired_t_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.7])
+    assert shift.p_value == 0.0 and shift.low == shift.high == pytest.approx(0.1)
+    assert "constant difference" in shift.method
+    # a real spread well above rounding still gets the t test
+    assert 0.0 < stats.paired_t_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.69]).p_value < 0.05
     with pytest.raises(ValueError, match="at least 2 values"):
         stats.paired_t_test([0.5], [0.4])
     with pytest.raises(ValueError, match="equal-length"):
