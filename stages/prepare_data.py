@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes of the Places stand-ins (0: --num-classes)")
     p.add_argument("--places-train-per-class", type=int, default=d.places_train_per_class,
                    help="training images per class of the Places stand-ins (0: --train-per-class)")
+    p.add_argument("--inat-val-per-class", type=int, default=d.inat_val_per_class,
+                   help="validation images per class of the iNat stand-ins (0: --val-per-class)")
     return p
 
 
@@ -94,6 +96,7 @@ def generate(args: argparse.Namespace) -> None:
         unlabeled_images=args.unlabeled_images,
         places_num_classes=args.places_num_classes,
         places_train_per_class=args.places_train_per_class,
+        inat_val_per_class=args.inat_val_per_class,
     )
     start = last = time.perf_counter()
 

@@ -21,6 +21,7 @@ from mixmim.data.builtin import (
     write_imagenet,
     write_inat2018,
     write_places365,
+    write_unlabeled,
 )
 from mixmim.data.draw import ADE_CLASSES
 
@@ -358,6 +359,64 @@ def _shape_features(img: np.ndarray) -> np.ndarray:
     hist = np.histogram(d, bins=8, range=(0, 1.6))[0] / ys.size
     ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])))
     return np.append(hist, ev[0] / (ev[1] + 1e-6))
+
+
+GOLDEN_DIGESTS = {"unlabeled": "87e2db1126e2d01e", "imagenet": "8c9dee4a5c85a04e"}
+"""sha256 prefixes of the files (path and bytes) written by the generator of d5a2604, the code that
+ran the committed ablations and backbones results."""
+
+
+def test_inat_colour_hints_at_the_class_only_in_the_labeled_standins() -> None:
+    """The iNat stand-ins draw the markings' hue from a window around the class (colour hints,
+    texture decides); the unlabeled set's textures keep a uniformly random hue."""
+    classes = 5
+    def colour_accuracy(hue_classes: int | None) -> float:
+        feats, labels = [], []
+        for label in range(classes):
+            for i in range(36):
+                rng = np.random.default_rng([label, i])
+                img = draw.render_texture_image(rng, label, 32, draw.INAT_TEXTURE_PERIOD, hue_classes=hue_classes)
+                feats.append(_foreground_colour(img.astype(float) / 255.0))
+                labels.append(label)
+        f, y = np.stack(feats), np.array(labels)
+        train = np.arange(len(y)) % 3 != 0
+        return _ncm_accuracy(f[train], y[train], f[~train], y[~train])
+
+    assert colour_accuracy(classes) >= 2 * 0.2
+    assert colour_accuracy(None) < 1.5 * 0.2
+    with pytest.raises(ValueError, match="hue_classes"):
+        draw.render_texture_image(np.random.default_rng(0), 5, 32, hue_classes=5)
+
+
+def test_inat_validation_size_overrides_only_the_inat_standins(tmp_path: Path) -> None:
+    sizes = BuiltinSizes(image_size=16, num_classes=2, train_per_class=1, val_per_class=1, dense_train=0,
+                         dense_val=0, unlabeled_images=0, inat_val_per_class=3)
+    generate_all(tmp_path, sizes=sizes, datasets=["imagenet", "inat2018", "inat2019"])
+    for year in (2018, 2019):
+        val = json.loads((tmp_path / f"inat{year}" / f"val{year}.json").read_text())
+        train = json.loads((tmp_path / f"inat{year}" / f"train{year}.json").read_text())
+        assert (len(val["images"]), len(train["images"])) == (6, 2), year
+    assert sum(1 for _ in (tmp_path / "imagenet" / "val").rglob("*.JPEG")) == 2
+    with pytest.raises(ValueError, match="non-negative"):
+        BuiltinSizes(inat_val_per_class=-1)
+
+
+def test_unlabeled_and_imagenet_bytes_unchanged(tmp_path: Path) -> None:
+    """Golden digests of small unlabeled and ImageNet stand-ins. The ablations and backbones
+    pipelines read only these two (and ADE20K): a change to their bytes makes every committed
+    result of those pipelines stale, so it has to be deliberate (update the digests and rerun
+    `make ablations backbones`)."""
+    import hashlib
+    def digest(root: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+    got = {"unlabeled": digest(write_unlabeled(tmp_path / "u", seed=0, image_size=32, num_images=10)),
+           "imagenet": digest(write_imagenet(tmp_path / "i", seed=0, image_size=32, num_classes=3,
+                                             train_per_class=2, val_per_class=1))}
+    assert got == GOLDEN_DIGESTS
 
 
 def _imagenet_split(base: Path, split: str) -> tuple[list[np.ndarray], np.ndarray]:

@@ -14,7 +14,9 @@ Every image carries learnable structure and nuisance variation:
   foreground hue is drawn from a class-specific window that overlaps its neighbours, so
   colour is a weak cue and shape is needed for high accuracy.
 * iNaturalist stand-ins -- the class is a *texture* (stripe orientation, checks, dots,
-  rings, ...) filling a randomly placed "organism" ellipse, in random colours.  Its period
+  rings, ...) filling a randomly placed "organism" ellipse.  As in the ImageNet stand-in the
+  markings' hue comes from a class-specific window that overlaps its neighbours (colour
+  hints, texture decides); they may take their own validation size (``inat_val_per_class``).  Its period
   (about 19 px at 64 px) spans several 8-px mixing cells, so a masked cell's markings follow
   from the visible ones; the unlabeled set's textures domain keeps a finer period (10 px).
 * Places stand-ins -- the class is a *scene layout*: horizon height, sky palette, ground
@@ -95,6 +97,9 @@ class BuiltinSizes:
     # for more classes and fewer shots there to keep them off the ceiling for either init.
     places_num_classes: int = 0
     places_train_per_class: int = 0
+    # The iNat stand-ins may take a larger validation set (0: val_per_class): evaluating them is
+    # cheap, and three times the images let a paired test resolve a 3-4 point difference.
+    inat_val_per_class: int = 0
 
     def __post_init__(self) -> None:
         """Reject sizes the renderers cannot honour, before any file is written."""
@@ -103,7 +108,8 @@ class BuiltinSizes:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2: {self}")
         if min(self.train_per_class, self.val_per_class, self.dense_train, self.dense_val,
-               self.unlabeled_images, self.places_num_classes, self.places_train_per_class) < 0:
+               self.unlabeled_images, self.places_num_classes, self.places_train_per_class,
+               self.inat_val_per_class) < 0:
             raise ValueError(f"image counts must be non-negative: {self}")
         if self.places_num_classes == 1:
             raise ValueError(f"places_num_classes must be 0 (same as num_classes) or at least 2: {self}")
@@ -125,10 +131,11 @@ def _writer_args(name: str, seed: int, sizes: BuiltinSizes) -> dict[str, Any]:
     if name == "unlabeled":
         return {"seed": seed, "image_size": sizes.image_size, "num_images": sizes.unlabeled_images}
     places = name in ("places205", "places365")
+    inat = name in ("inat2018", "inat2019")
     return {"seed": seed, "image_size": sizes.image_size,
             "num_classes": (places and sizes.places_num_classes) or sizes.num_classes,
             "train_per_class": (places and sizes.places_train_per_class) or sizes.train_per_class,
-            "val_per_class": sizes.val_per_class}
+            "val_per_class": (inat and sizes.inat_val_per_class) or sizes.val_per_class}
 
 
 WRITERS: dict[str, Callable[..., Path]] = {

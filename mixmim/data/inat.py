@@ -195,7 +195,8 @@ def write_inat(
                     index = label * per_class + i
                     rng = image_rng(seed, name, split, index)
                     rel = f"train_val{year}/{cat['supercategory']}/{cat['id']}/{hex_name(name, split, index)}.jpg"
-                    save_jpeg(root / rel, render_texture_image(rng, label, image_size, INAT_TEXTURE_PERIOD))
+                    pixels = render_texture_image(rng, label, image_size, INAT_TEXTURE_PERIOD, hue_classes=num_classes)
+                    save_jpeg(root / rel, pixels)
                     images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
                     annotations.append({"id": image_id, "image_id": image_id, "category_id": cat["id"]})
                     image_id += 1
@@ -203,7 +204,8 @@ def write_inat(
             write_json(root / inat_annotation_file(split, year),
                        {"info": info, "images": images, "annotations": annotations, "categories": categories})
         write_meta(root, name, seed, image_size=image_size, num_classes=num_classes,
-                   train_per_class=train_per_class, val_per_class=val_per_class)
+                   train_per_class=train_per_class, val_per_class=val_per_class,
+                   hue="window of two class-widths around label / num_classes")
     return dest
 
 
