@@ -267,9 +267,19 @@ class CocoAP:
             tp = (matched & ~ignored)[order].astype(np.float64).reshape(len(rows), thresholds)
             fp = (~matched & ~ignored)[order].astype(np.float64).reshape(len(rows), thresholds)
             self.cats.append((gt, image[order], tp, fp))
+        # AP by resample: a report evaluates one detector on the same bootstrap resamples in
+        # several tables (the resamples are a function of n and the seed), and each AP costs
+        # about 2 ms, so a value is computed once per distinct multiset of images.
+        self._memo: dict[bytes, float] = {}
 
     def __call__(self, idx: Sequence[int] | np.ndarray | None = None) -> float:
         weight = np.ones(self.n) if idx is None else np.bincount(np.asarray(idx, dtype=np.int64), minlength=self.n)
+        key = weight.astype(np.int64).tobytes()
+        if key not in self._memo:
+            self._memo[key] = self._ap(weight)
+        return self._memo[key]
+
+    def _ap(self, weight: np.ndarray) -> float:
         per_cat = []
         for gt, image, tp, fp in self.cats:
             n_gt = float(gt @ weight)
