@@ -337,8 +337,8 @@ def test_figure2_paper_points_include_mae_h() -> None:
 def test_loss_curves_band_over_seeds() -> None:
     from mixmim.report import figures as figs
 
-    curve = figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6]), ([1, 2, 3], [1.2, 1.0, 0.8])], "ablations")
-    fig = figs.loss_curves_figure([curve], {"ablations": 0.9})
+    curve = figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6]), ([1, 2, 3], [1.2, 1.0, 0.8])], "ablations", 0.9)
+    fig = figs.loss_curves_figure([curve])
     ax = fig.axes[0]
     assert len(ax.collections) == 1  # the band
     assert any(list(line.get_ydata()) == [0.9, 0.9] for line in ax.lines)  # the predict-the-mean level
@@ -348,12 +348,31 @@ def test_loss_curves_band_over_seeds() -> None:
     assert "band" not in figs.loss_curves_figure([]).get_suptitle()
 
 
+def test_loss_levels_per_variant_when_their_tasks_differ() -> None:
+    """Variants with different cell sizes have different predict-the-mean levels: each gets its own line
+    in its colour; variants of one task share one black line."""
+    from mixmim.report import figures as figs
+
+    hist = [([1, 2, 3], [1.0, 0.8, 0.7])]
+    fig = figs.loss_curves_figure([figs.LossCurve("vit", hist, "backbones", 0.48),
+                                   figs.LossCurve("swin", hist, "backbones", 0.62),
+                                   figs.LossCurve("pvt", hist, "backbones", 0.624)])
+    levels = {line.get_label(): line for line in fig.axes[0].lines if "level" in line.get_label()}
+    assert sorted(levels) == ["pvt, swin predict-the-mean level: 0.622", "vit predict-the-mean level: 0.480"]
+    assert levels["pvt, swin predict-the-mean level: 0.622"].get_color() == "black"
+    curves = {line.get_label(): line for line in fig.axes[0].lines if "level" not in line.get_label()}
+    assert levels["vit predict-the-mean level: 0.480"].get_color() == curves["vit (1 seed)"].get_color()
+    shared = figs.loss_curves_figure([figs.LossCurve("a", hist, "ablations", 0.383),
+                                      figs.LossCurve("b", hist, "ablations", 0.386)])
+    assert [line.get_color() for line in shared.axes[0].lines if "level" in line.get_label()] == ["black"]
+
+
 def test_crowded_loss_panel_keeps_its_legend_off_the_curves() -> None:
     """With many variants the legend goes below the axes, so it cannot hide the curves or the y label."""
     from mixmim.report import figures as figs
 
-    curves = [figs.LossCurve(f"v{k}", [([1, 2, 3], [1.0 + k, 0.8 + k, 0.6 + k])], "ablations") for k in range(12)]
-    fig = figs.loss_curves_figure(curves, {"ablations": 0.4})
+    curves = [figs.LossCurve(f"v{k}", [([1, 2, 3], [1.0 + k, 0.8 + k, 0.6 + k])], "ablations", 0.4) for k in range(12)]
+    fig = figs.loss_curves_figure(curves)
     fig.canvas.draw()
     ax = fig.axes[0]
     legend, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()

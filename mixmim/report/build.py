@@ -144,8 +144,9 @@ def _dense_figure(ctx: Context, stage: str, measure: str, paper_x: str, paper_y:
                                _ylabel(res, every, stage, ylabel), note)
 
 
-def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs.LossCurve]:
-    """Per-step pretraining losses from MLflow, grouped by (pipeline, variant) with one history per seed."""
+def _loss_curves(tracking_uri: str, experiments: Mapping[str, str], results: Results) -> list[figs.LossCurve]:
+    """Per-step pretraining losses from MLflow, grouped by (pipeline, variant) with one history per seed,
+    each with its variant's predict-the-mean level from the committed pretraining metrics."""
     from .runs import metric_history, pretrain_runs
 
     curves = []
@@ -161,7 +162,12 @@ def _loss_curves(tracking_uri: str, experiments: Mapping[str, str]) -> list[figs
                 steps, values = zip(*points)
                 seeds.append((steps, values))
         if seeds:
-            curves.append(figs.LossCurve(variant or "?", seeds, role))
+            label = variant or "?"
+            levels = [r.value("mean_loss_baseline")
+                      for r in results.group(role, "pretrain", "" if label == "default" else label)
+                      or results.group(role, "pretrain", label)]
+            levels = [v for v in levels if v is not None]
+            curves.append(figs.LossCurve(label, seeds, role, sum(levels) / len(levels) if levels else None))
     order = {role: i for i, role in enumerate(ROLES)}
     return sorted(curves, key=lambda c: (order.get(c.group, len(order)), c.label != "default", c.label))
 
@@ -179,19 +185,6 @@ def _missing_store(tracking_uri: str | None) -> str | None:
         if not path.is_file():
             return f"no MLflow store at {path}"
     return None
-
-
-def _baselines(results: Results) -> dict[str, float]:
-    """Each pipeline's predict-the-mean loss (its default variant's pretraining metrics), where recorded."""
-    out = {}
-    for role in ROLES:
-        for key in ("", "default"):
-            values = [r.value("mean_loss_baseline") for r in results.group(role, "pretrain", key)]
-            values = [v for v in values if v is not None]
-            if values:
-                out[role] = sum(values) / len(values)
-                break
-    return out
 
 
 def _mixing_figure(weights: Path, images: Path) -> Figure:
@@ -289,7 +282,7 @@ def build_report(
         store = _missing_store(tracking_uri)
         if tracking_uri and experiments and store is None:
             plots["pretrain_loss_curves.png"] = lambda: figs.loss_curves_figure(
-                _loss_curves(tracking_uri, experiments), _baselines(results))
+                _loss_curves(tracking_uri, experiments, results))
         else:
             report.skipped["pretrain_loss_curves.png"] = store or "needs an MLflow tracking_uri and experiments"
         if weights is not None and images is not None and weights.is_file() and images.is_dir():

@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -55,11 +56,20 @@ class OursPoint:
 
 @dataclass(frozen=True)
 class LossCurve:
-    """A variant's loss histories, one (steps, values) pair per seed; ``group`` is its pipeline."""
+    """A variant's loss histories, one (steps, values) pair per seed; ``group`` is its pipeline; ``level``
+    its predict-the-mean loss (mean over seeds), which depends on the variant's cell size."""
 
     label: str
     seeds: Sequence[tuple[Sequence[int], Sequence[float]]]
     group: str = ""
+    level: float | None = None
+
+
+LEVEL_SPREAD = 0.01
+"""Levels of one panel within this of each other are one task's level (seeds draw different baseline
+images) and are drawn as one line; a panel whose variants differ more (ViT's 16 cells against 4 for the
+32-stride encoders) draws one line per task, labelled with its variants (a lone variant's in its colour),
+so no curve is read against another task's floor."""
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -137,11 +147,11 @@ def smooth(values: Sequence[float], fraction: float = 0.1, least: int = 5) -> np
     return pd.Series(v).rolling(window, min_periods=1, center=True).mean().to_numpy()
 
 
-def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] | None = None,
+def loss_curves_figure(curves: Sequence[LossCurve],
                        title: str = "Pretraining loss per optimiser step (smoothed)") -> Figure:
     """One panel per pipeline, one smoothed curve per variant (mean over seeds, band = min-max over seeds),
-    and the predict-the-mean loss of that pipeline's data as a dashed level."""
-    baselines = dict(baselines or {})
+    and the predict-the-mean loss as a dashed level: one line when the panel's variants share it, else
+    one per variant in its colour. Panels keep their own y axes: the pipelines train different models."""
     groups = list(dict.fromkeys(c.group for c in curves)) or [""]
     crowded = max((sum(c.group == g for c in curves) for g in groups), default=0) > 8
     # A panel with many variants puts its legend below the axes: inside, it would hide the curves' start.
@@ -149,21 +159,37 @@ def loss_curves_figure(curves: Sequence[LossCurve], baselines: dict[str, float] 
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups):
         members = [c for c in curves if c.group == group]
-        cmap = matplotlib.colormaps["tab10" if len(members) <= 10 else "tab20"]
+        colours: dict[str, Any] = {}
+        # tab10 colours, and past ten a second line style: tab20's light/dark pairs would make
+        # unrelated neighbours in the legend look like one family of variants.
+        cmap = matplotlib.colormaps["tab10"]
         for k, curve in enumerate(members):
             steps = sorted(set.intersection(*(set(s) for s, _ in curve.seeds))) if curve.seeds else []
             if not steps:
                 continue
             stack = np.array([smooth([dict(zip(s, v))[t] for t in steps]) for s, v in curve.seeds])
-            colour = cmap(k % cmap.N)
-            label = curve.label + (f" ({len(curve.seeds)} seeds)" if len(curve.seeds) > 1 else "")
-            ax.plot(steps, stack.mean(0), color=colour, linewidth=1.3, label=label)
+            colours[curve.label] = colour = cmap(k % cmap.N)
+            label = f"{curve.label} ({len(curve.seeds)} seed{'s' if len(curve.seeds) > 1 else ''})"
+            ax.plot(steps, stack.mean(0), color=colour, linewidth=1.3, label=label,
+                    linestyle=("-", "-.", ":")[min(k // cmap.N, 2)])
             if len(curve.seeds) > 1:
                 ax.fill_between(steps, stack.min(0), stack.max(0), color=colour, alpha=0.2, linewidth=0)
-        if group in baselines:
-            ax.axhline(baselines[group], color="black", linestyle="--", linewidth=1.0,
-                       label=f"predict-the-mean level (flat cells of each cell's true mean colour): "
-                             f"{baselines[group]:.3f}")
+        levels = sorted((c.level, c.label) for c in members if c.level is not None and c.label in colours)
+        clusters: list[list[tuple[float, str]]] = []
+        for level, name in levels:  # levels within LEVEL_SPREAD of their neighbour are one task's level
+            if clusters and level - clusters[-1][-1][0] <= LEVEL_SPREAD:
+                clusters[-1].append((level, name))
+            else:
+                clusters.append([(level, name)])
+        for cluster in clusters:
+            level = float(np.mean([lv for lv, _ in cluster]))
+            names = sorted(name for _, name in cluster)
+            if len(clusters) == 1:
+                colour, label = "black", f"predict-the-mean level (flat cells of each cell's true mean colour): {level:.3f}"
+            else:
+                colour = colours[names[0]] if len(names) == 1 else "black"
+                label = f"{', '.join(names)} predict-the-mean level: {level:.3f}"
+            ax.axhline(level, color=colour, linestyle="--", linewidth=1.0, label=label)
         if members and len(members) > 8:
             ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
         elif members:
