@@ -74,17 +74,20 @@ def _check_resamples(resamples: int) -> None:
         raise ValueError(f"resamples={resamples!r}: expected an integer >= {MIN_RESAMPLES}")
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """Mean of ``values`` (e.g. one score per seed) with a Student-t interval on n-1 degrees of freedom."""
+def t_interval(values: Sequence[float], confidence: float = 0.95, unit: str = "seeds") -> Interval:
+    """Mean of ``values`` (e.g. one score per seed) with a Student-t interval on n-1 degrees of freedom.
+
+    ``unit`` names what one value stands for (seeds, images) in the method string."""
     _check_confidence(confidence)
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or len(x) < 2:
-        raise ValueError(f"t_interval: expected at least 2 values (one per seed), got {len(x) if x.ndim else 0}")
+        raise ValueError(f"t_interval: expected at least 2 values (one per {unit.rstrip('s')}), "
+                         f"got {len(x) if x.ndim else 0}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"t_interval: values must be finite, got {x.tolist()}")
     mean = float(x.mean())
     half = float(_sp.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return Interval(mean, mean - half, mean + half, len(x), f"Student t over {len(x)} seeds", confidence)
+    return Interval(mean, mean - half, mean + half, len(x), f"Student t over {len(x)} {unit}", confidence)
 
 
 def bootstrap_indices(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
@@ -184,8 +187,10 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paire
                       f"exact McNemar on {n} paired items ({n01} vs {n10} discordant)")
 
 
-def paired_t_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedTest:
-    """Paired Student t test of ``a - b`` where ``a[i]`` and ``b[i]`` share seed ``i``.
+def paired_t_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
+                  unit: str = "seeds") -> PairedTest:
+    """Paired Student t test of ``a - b`` where ``a[i]`` and ``b[i]`` share seed ``i`` (or image ``i``:
+    ``unit`` names what is paired, in the method string).
 
     For a value with no per-item records, the seeds are the only replication; pairing them
     removes what a seed shares across variants (initialisation, data order). Needs two or
@@ -207,10 +212,10 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.
     rounding = 64 * np.finfo(np.float64).eps * max(float(np.abs(x).max()), float(np.abs(y).max()))
     if sd <= rounding:
         p_value = 1.0 if abs(mean) <= rounding else 0.0
-        return PairedTest(mean, mean, mean, p_value, n, f"paired t over {n} seeds (constant difference)")
+        return PairedTest(mean, mean, mean, p_value, n, f"paired t over {n} {unit} (constant difference)")
     half = float(_sp.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
     p_value = float(_sp.ttest_rel(x, y).pvalue)
-    return PairedTest(mean, mean - half, mean + half, p_value, n, f"paired t over {n} seeds")
+    return PairedTest(mean, mean - half, mean + half, p_value, n, f"paired t over {n} {unit}")
 
 
 # --------------------------------------------------------------------------- dense metrics

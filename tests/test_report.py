@@ -159,7 +159,7 @@ def _row(frame: pd.DataFrame, **match: str) -> pd.Series:
     return frame[mask].iloc[0]
 
 
-STEMS = ("calibration", "run_mapping", "table2_in1k_mim", "table3_same_encoder", "table4_coco_ade20k",
+STEMS = ("calibration", "reconstruction", "run_mapping", "table2_in1k_mim", "table3_same_encoder", "table4_coco_ade20k",
          "table5_cls_transfer", "table6_filling", "table7_dual", "table8_masking", "table9_epochs",
          "table10_unmixing", "table13_convnets")
 FIGURE_NAMES = ("figure2_flops_vs_top1.png", "figure2_flops_vs_coco_ap.png", "figure2_flops_vs_ade_miou.png",

@@ -20,6 +20,7 @@ from ..data.standin import staged_dir
 from ..stats import DEFAULT_RESAMPLES
 from . import figures as figs
 from .calibration import CalibrationEntry, calibration_table
+from .reconstruction_table import reconstruction_table
 from .reconstruction import find_sample_images, fixed_mask, load_images, load_pretrainer, reconstruct_pairs
 from .render import write_table
 from .results import MEASURES, Measure, Result, Results, load_results, scale_name
@@ -231,12 +232,14 @@ def _readme(tables: list[Table], drawn: list[str], skipped: Mapping[str, str], r
 def build_tables_from(pipelines: Mapping[str, str], root: str | os.PathLike[str] = ".",
                       calibration: Mapping[str, CalibrationEntry] | None = None,
                       resamples: int = DEFAULT_RESAMPLES) -> tuple[list[Table], Results]:
-    """Every table (the paper's, the calibration table, the run mapping) from the results on disk."""
+    """Every table (the paper's, the calibration and reconstruction tables, the run mapping) from the results
+    on disk."""
     unknown = sorted(set(pipelines) - set(ROLES))
     if unknown:
         raise ValueError(f"pipelines: unknown role {unknown[0]!r}; expected some of {list(ROLES)}")
     results = load_results(pipelines, root)
-    tables = build_tables(results, resamples, extra=[lambda ctx: calibration_table(ctx, calibration)])
+    tables = build_tables(results, resamples, extra=[lambda ctx: calibration_table(ctx, calibration),
+                                                     reconstruction_table])
     return tables, results
 
 

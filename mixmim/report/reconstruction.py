@@ -17,23 +17,17 @@ branch 2 (``pred[B + i]``) predicts the partner on the ``mask == 0`` cells.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_file
 from ..models import patchify, unpatchify
+from ..reconstruction_error import MEAN, STD, find_sample_images, fixed_mask, load_images, load_pretrainer
 
-__all__ = ["PairView", "find_sample_images", "load_images", "load_pretrainer", "reconstruct_pairs"]
+__all__ = ["PairView", "find_sample_images", "fixed_mask", "load_images", "load_pretrainer", "reconstruct_pairs"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# The normalisation of the pretraining transform (timm's ImageNet defaults).
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -49,69 +43,6 @@ class PairView:
     mixed: np.ndarray
     recon_a: np.ndarray
     recon_b: np.ndarray | None
-
-
-def load_pretrainer(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a pretraining checkpoint's model from its own config and load its weights.
-
-    The config travels in the checkpoint (``{"model": state_dict, "config": PretrainConfig
-    fields}``), so the figure always shows the model that was trained, ablation switches
-    included; a config key this code does not know is an error rather than a silent default.
-    """
-    from ..engine.config import PretrainConfig, from_mapping
-    from ..engine.engine_pretrain import build_model
-
-    checkpoint = load_file(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"{path}: expected a pretraining checkpoint with 'model' and 'config' entries")
-    cfg = from_mapping(PretrainConfig, checkpoint["config"], where=f"{path} config")
-    model = build_model(cfg)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint["config"]
-
-
-def find_sample_images(folder: str | os.PathLike[str], count: int = 4) -> list[Path]:
-    """Up to ``count`` images (an even number, at least 2), one class folder after another.
-
-    Taking the first image of each class folder in turn pairs images of different classes
-    (as ImageNet's ``val/<wnid>/`` layout allows), which makes the mixing visible. An
-    ImageNet root is accepted too: its ``val`` split is used.
-    """
-    root = Path(folder)
-    if (root / "val").is_dir():
-        root = root / "val"
-    if not root.is_dir():
-        raise FileNotFoundError(f"sample image folder {root} does not exist")
-    by_folder: dict[Path, list[Path]] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            by_folder.setdefault(path.parent, []).append(path)
-    queues = list(by_folder.values())
-    picked: list[Path] = []
-    while len(picked) < count and any(queues):
-        for queue in queues:
-            if queue and len(picked) < count:
-                picked.append(queue.pop(0))
-    picked = picked[: len(picked) - len(picked) % 2]
-    if len(picked) < 2:
-        raise ValueError(f"{root} holds fewer than 2 images; the mixing figure needs a pair")
-    return picked
-
-
-def load_images(paths: list[Path], img_size: int) -> Tensor:
-    """Resize (shorter side), centre-crop and normalise images as the pretraining input expects."""
-    from PIL import Image
-    from torchvision import transforms as T
-
-    transform = T.Compose([
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-        T.ToTensor(), T.Normalize(MEAN, STD),
-    ])
-    images = []
-    for path in paths:
-        with Image.open(path) as img:
-            images.append(transform(img.convert("RGB")))
-    return torch.stack(images)
 
 
 def to_display(img: Tensor) -> np.ndarray:
@@ -187,11 +118,3 @@ def reconstruct_pairs(model: torch.nn.Module, imgs: Tensor, mask: Tensor) -> lis
         views.append(PairView(to_display(imgs[i]), to_display(imgs[j]) if mixes else None, to_display(mixed),
                               to_display(recon_a), recon_b))
     return views
-
-
-def fixed_mask(model: torch.nn.Module, seed: int = 0) -> Tensor:
-    """A reproducible mask of the model's own type and ratio, so reruns draw the same figure."""
-    from ..models.masking import sample_mask
-
-    generator = torch.Generator().manual_seed(seed)
-    return sample_mask(tuple(model.encoder.mask_grid), model.mask_type, model.mask_ratio, 0.0, generator=generator)

@@ -36,7 +36,7 @@ __all__ = [
     "load_results", "pipeline_scale", "scale_name",
 ]
 
-STAGES = ("pretrain", "finetune", "scratch", "probe", "coco", "ade20k")
+STAGES = ("pretrain", "finetune", "scratch", "probe", "reconstruction", "coco", "ade20k")
 _SEED = re.compile(r"^(?P<stem>.+?)_s(?P<seed>\d+)$")
 
 
