@@ -43,8 +43,9 @@ def load_pretrainer(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict
     """Rebuild a pretraining checkpoint's model from its own config and load its weights.
 
     The config travels in the checkpoint (``{"model": state_dict, "config": PretrainConfig
-    fields}``), so the figure always shows the model that was trained, ablation switches
-    included; a config key this code does not know is an error rather than a silent default.
+    fields}``), so the figure and the reconstruction stage always see the model that was trained,
+    ablation switches included; a config key this code does not know is an error rather than a
+    silent default.
     """
     from .engine.config import PretrainConfig, from_mapping
     from .engine.engine_pretrain import build_model
@@ -71,9 +72,8 @@ def find_sample_images(folder: str | os.PathLike[str], count: int = 4) -> list[P
     if not root.is_dir():
         raise FileNotFoundError(f"sample image folder {root} does not exist")
     by_folder: dict[Path, list[Path]] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            by_folder.setdefault(path.parent, []).append(path)
+    for path in find_images(root):
+        by_folder.setdefault(path.parent, []).append(path)
     queues = list(by_folder.values())
     picked: list[Path] = []
     while len(picked) < count and any(queues):
