@@ -113,6 +113,9 @@ def _populate(root: Path) -> None:
     _classification(b, "finetune_vit_s0", 0.5, 50, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3,
                     model_kwargs={"embed_dim": 48, "decoder_dim": 32})
     _classification(b, "scratch_vit_s0", 0.45, 51, seed=0, model="vit_tiny_patch16_224", img_size=64, epochs=3)
+    for init, (knn, linear) in (("pretrained", (0.6, 0.65)), ("random", (0.2, 0.25))):
+        _classification(b, f"probe_vit_{init}_s0", knn, 52, "_knn", key="knn_top1")
+        _classification(b, f"probe_vit_{init}_s0", linear, 53, "_linear", key="linear_top1")
 
 
 def _log_losses(uri: str) -> None:
@@ -305,6 +308,18 @@ def test_one_mapping_from_runs_to_paper_rows(built: Mapping[str, Any]) -> None:
     assert vit["top1_ours"] == "50.0" and vit["top1_resolved_vs_scratch"] in ("yes", "no")
     assert vit["scale_ours"] == ("built-in scale: vit_tiny_patch16_224 (embed_dim=48), 64 px, 4 pretrain + 3 "
                                  "finetune epochs")
+
+
+def test_encoder_tables_carry_the_backbones_probes_against_random_init(built: Mapping[str, Any]) -> None:
+    frame = _table(built, "table3_same_encoder")
+    vit = frame[(frame["method"] == "MixMIM") & (frame["knn_top1_ours"] != "")]
+    assert len(vit) == 1
+    row = vit.iloc[0]
+    assert float(row["knn_top1_ours"]) == pytest.approx(60.0, abs=1.0)
+    assert float(row["linear_top1_diff_vs_random"]) == pytest.approx(40.0, abs=1.0)
+    assert row["knn_top1_resolved_vs_random"] == "yes"
+    supervised = frame[frame["method"] == "Supervised"]
+    assert (supervised["knn_top1_ours"] == "").all()
 
 
 def test_table4_sizes_say_whose_count(built: Mapping[str, Any]) -> None:

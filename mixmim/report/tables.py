@@ -443,6 +443,7 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
                 row.update(versus_cells(ctx, "top1", "scratch", group, res.group("backbones", "scratch", fam), top1))
             else:
                 row.update(reference_cells("top1", "scratch"))
+            row.update(_probe_cells(ctx, fam if stage == "finetune" else None))
             row["scale_ours"] = scale_label(res, group)
         else:
             if stage is None:
@@ -452,14 +453,36 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
             else:
                 text = unrun_cell(res, r.backbone, "backbones")
             row.update(blank_cells("top1", text, "scratch"))
+            row.update(_probe_cells(ctx, None))
             row["scale_ours"] = ""
         rows.append(row)
     fams = sorted({f for f, _ in groups})
     notes = (_n_note(ctx, [res.group("backbones", s, f) for f in fams for s in ("finetune", "scratch")], top1,
                      res.absent("backbones")),
              "top1_*_vs_scratch (MixMIM rows): the same encoder trained from scratch with the same finetuning "
-             "budget (pipelines/backbones).", standard_note(ctx))
+             "budget (pipelines/backbones). knn_top1_* / linear_top1_* (MixMIM rows): k-NN (k=20) and linear "
+             "probe on the frozen features of the pretrained encoder, *_vs_random against a random init of the "
+             "same encoder (probe@<family>-random).", standard_note(ctx))
     return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), notes)
+
+
+def _probe_cells(ctx: Context, family: str | None) -> dict[str, str]:
+    """k-NN and linear-probe cells of a MixMIM row (``family``: its backbones family), blank for others."""
+    res = ctx.results
+    cells: dict[str, str] = {}
+    for key in ("knn_top1", "linear_top1"):
+        if family is None:
+            cells.update(blank_cells(key, "", "random"))
+            continue
+        measure = MEASURES[key]
+        pre = res.group("backbones", "probe", f"{family}_pretrained")
+        rnd = res.group("backbones", "probe", f"{family}_random")
+        if not pre:
+            cells.update(blank_cells(key, missing(res.reason("backbones", "probe", f"{family}_pretrained")), "random"))
+            continue
+        cells.update(ours_cells(ctx, key, pre, measure, ""))
+        cells.update(versus_cells(ctx, key, "random", pre, rnd, measure) if rnd else reference_cells(key, "random"))
+    return cells
 
 
 def table3(ctx: Context) -> Table:
