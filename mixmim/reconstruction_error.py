@@ -37,6 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 BATCH = 16  # images per forward pass; each batch draws its own mask (fill=mix pairs image i with B-1-i)
+POOLED = "all"  # the metrics key of the values pooled over every domain
 
 
 def load_pretrainer(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
@@ -232,6 +233,8 @@ def resolve_images(params: Any, images: Mapping[str, Any]) -> dict[str, str]:
         raise ValueError(f"{where}={images!r}: expected a mapping of domain -> <roots key>/<folder>")
     folders = {}
     for domain, spec in images.items():
+        if str(domain) == POOLED:
+            raise ValueError(f"{where}: the domain name {POOLED!r} is taken by the pooled values; rename it")
         if not isinstance(spec, str) or not spec.strip("/"):
             raise ValueError(f"{where}.{domain}={spec!r}: expected '<roots key>/<folder under that root>'")
         key, _, rest = spec.strip("/").partition("/")
@@ -260,10 +263,13 @@ def reconstruction_stage(params: Any, sections: Sequence[str], checkpoint: str, 
     folders = resolve_images(params, section.get("images"))
     first_root = str(section["images"][next(iter(section["images"]))]).strip("/").partition("/")[0]
     owned = {"init": params.resolve_path(checkpoint), "folders": folders}
+
+    def check(cfg: ReconstructionConfig, where: str) -> None:  # before the MLflow group run is created
+        if cfg.limit < 2:
+            raise ValueError(f"{where}: limit={cfg.limit}; expected at least 2 images per domain")
+
     cfg = stage_config(ReconstructionConfig, params, sections, "reconstruction", "default", "heldout",
-                       "runs/reconstruction", seed, owned, root=first_root)
-    if cfg.limit < 2:
-        raise ValueError(f"{params.path}: reconstruction.limit={cfg.limit}; expected at least 2 images per domain")
+                       "runs/reconstruction", seed, owned, root=first_root, check=check)
     model, config = load_pretrainer(cfg.init)
     splits, names = {}, {}
     for domain, folder in cfg.folders.items():
@@ -276,7 +282,7 @@ def reconstruction_stage(params: Any, sections: Sequence[str], checkpoint: str, 
         splits[domain] = split_folder(model, picked, cfg.seed)
         names[domain] = [str(p.relative_to(folder)) for p in picked]
     pooled = ErrorSplit.concat(list(splits.values()))
-    result = {"all": summary(pooled), **{domain: summary(split) for domain, split in splits.items()}}
+    result = {POOLED: summary(pooled), **{domain: summary(split) for domain, split in splits.items()}}
     with engine_run(cfg, distributed=False, outputs=False) as run:
         tags = {**init_tags(cfg, "reconstruction", "heldout"), "mixmim.model": str(config.get("model", ""))}
         with run.tracking("reconstruction/heldout", tags, {"domains": ",".join(splits)}) as tracker:

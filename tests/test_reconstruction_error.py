@@ -118,6 +118,13 @@ def test_stage_writes_per_domain_metrics_and_per_image_values(data_root, tmp_pat
     params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), "reconstruction": bad}))
     with pytest.raises(FileNotFoundError, match="reconstruction.images.x='imagenet/nothing'"):
         reconstruction_stage(load_params(params), ["reconstruction"], "pretrain.pt", str(tmp_path / "x.json"), seed=0)
+    for bad, match in (({**section, "images": {"all": "imagenet/val"}}, "'all' is taken"),
+                       ({**section, "limit": 1}, "limit=1")):
+        params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), "reconstruction": bad}))
+        with pytest.raises(ValueError, match=match):
+            reconstruction_stage(load_params(params), ["reconstruction"], "pretrain.pt", str(tmp_path / "y.json"),
+                                 seed=0)
+    assert not (tmp_path / "y.json").exists()
 
 
 # --------------------------------------------------------------------------- the report table
