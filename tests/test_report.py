@@ -312,14 +312,14 @@ def test_one_mapping_from_runs_to_paper_rows(built: Mapping[str, Any]) -> None:
 
 def test_encoder_tables_carry_the_backbones_probes_against_random_init(built: Mapping[str, Any]) -> None:
     frame = _table(built, "table3_same_encoder")
-    vit = frame[(frame["method"] == "MixMIM") & (frame["knn_top1_ours"] != "")]
-    assert len(vit) == 1
+    vit = frame[(frame["method"] == "MixMIM") & ~frame["knn_top1_ours"].str.startswith("—")]
+    assert len(vit) == 1  # the other MixMIM rows (families not run) say why instead
     row = vit.iloc[0]
     assert float(row["knn_top1_ours"]) == pytest.approx(60.0, abs=1.0)
     assert float(row["linear_top1_diff_vs_random"]) == pytest.approx(40.0, abs=1.0)
     assert row["knn_top1_resolved_vs_random"] == "yes"
-    supervised = frame[frame["method"] == "Supervised"]
-    assert (supervised["knn_top1_ours"] == "").all()
+    supervised = frame[(frame["method"] == "Supervised") & ~frame["top1_ours"].str.startswith("—")]
+    assert len(supervised) == 1 and (supervised["knn_top1_ours"] == "").all()  # no probe of a from-scratch run
 
 
 def test_table4_sizes_say_whose_count(built: Mapping[str, Any]) -> None:

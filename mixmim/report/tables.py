@@ -453,7 +453,7 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
             else:
                 text = unrun_cell(res, r.backbone, "backbones")
             row.update(blank_cells("top1", text, "scratch"))
-            row.update(_probe_cells(ctx, None))
+            row.update(_probe_cells(ctx, None, text))
             row["scale_ours"] = ""
         rows.append(row)
     fams = sorted({f for f, _ in groups})
@@ -466,13 +466,14 @@ def _encoder_table(ctx: Context, stem: str, keep: Mapping[str, str], stage_of: M
     return Table(stem, *PAPER_TABLES[stem], pd.DataFrame(rows), notes)
 
 
-def _probe_cells(ctx: Context, family: str | None) -> dict[str, str]:
-    """k-NN and linear-probe cells of a MixMIM row (``family``: its backbones family), blank for others."""
+def _probe_cells(ctx: Context, family: str | None, text: str = "") -> dict[str, str]:
+    """k-NN and linear-probe cells of a MixMIM row (``family``: its backbones family); a row without
+    probes gets ``text`` (why its results are missing, or nothing for a from-scratch row)."""
     res = ctx.results
     cells: dict[str, str] = {}
     for key in ("knn_top1", "linear_top1"):
         if family is None:
-            cells.update(blank_cells(key, "", "random"))
+            cells.update(blank_cells(key, text, "random"))
             continue
         measure = MEASURES[key]
         pre = res.group("backbones", "probe", f"{family}_pretrained")
