@@ -22,24 +22,18 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from mlflow import MlflowClient
+from train_throughput import window_rates  # this folder is on sys.path when the script runs
 
 from mixmim.stats import t_interval
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def window_rates(store: str, run_id: str) -> list[float]:
-    history = sorted(MlflowClient(store).get_metric_history(run_id, "train/images_per_s"), key=lambda m: m.step)
-    return [m.value for m in history][1:]
-
-
 def run(layout: str, procs: int, batch: int, steps: int, tmp: Path, tag: str) -> list[float]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     params["tracking"] = {**params["tracking"], "uri": store, "experiment": "bench"}
-    for key in ("roots",):  # relative roots must keep pointing into the repository
-        params[key] = {k: str((REPO / v).resolve()) for k, v in params[key].items()}
+    params["roots"] = {k: str((REPO / v).resolve()) for k, v in params["roots"].items()}  # from the temp folder
     per_process = batch // procs if layout == "processes" else batch
     params["pretrain"].update(epochs=1, warmup_epochs=0, knn_every=0, batch_size=per_process,
                               max_steps_per_epoch=steps, log_every_steps=10, progress=False)
