@@ -256,6 +256,7 @@ class ProbeConfig(RuntimeConfig):
     arch_from: str | None = None  # checkpoint whose saved config gives model/model_kwargs/img_size (not weights)
     dataset: str = "imagenet"
     data_root: str = ""
+    class_list: str | None = None  # file of ImageNet class folders to read (e.g. ImageNet-100); default: all
     crop_pct: float = 0.875
     batch_size: int = 64
     max_train: int | None = None  # cap on the training features (a seeded subset); None: the whole split
@@ -317,8 +318,8 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         model = probe_model(cfg).to(device)
         size = input_size(FinetuneConfig(model=cfg.model, model_kwargs=dict(cfg.model_kwargs), img_size=cfg.img_size))
         tf = eval_transform(size, cfg.crop_pct)
-        train = classification_split(cfg.dataset, cfg.data_root, "train", tf, cfg.skip_bad_images)
-        val = classification_split(cfg.dataset, cfg.data_root, "val", tf, cfg.skip_bad_images)
+        train = classification_split(cfg.dataset, cfg.data_root, "train", tf, cfg.skip_bad_images, cfg.class_list)
+        val = classification_split(cfg.dataset, cfg.data_root, "val", tf, cfg.skip_bad_images, cfg.class_list)
         fn = feature_fn(model)
         xtr, ytr = extract_features(fn, train, cfg.batch_size, device,
                                     subset_indices(len(train), cfg.max_train, cfg.seed), cfg.num_workers)

@@ -182,3 +182,33 @@ def test_checkpoints_that_later_stages_read_are_cached_outs():
                 problems.append(f"{stage.addressing}: {out} is persist + cache: false (missing in a DVC "
                                 "experiment workspace, so the stage would always rerun there)")
     assert not problems, "\n".join(problems)
+
+
+def test_every_pretraining_is_probed_in_every_pipeline():
+    """Item 4 of the probes issue: every pretraining checkpoint of every pipeline is read by a probe stage
+    (stages/probe.py --weights pretrained --checkpoint <it>) that declares it as a dep, so the representation
+    is measured without finetuning noise wherever something is pretrained."""
+    probed: dict[Path, list[str]] = {}
+    problems = []
+    for stage in all_stages():
+        argv = shlex.split(stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd))
+        if not any(t.endswith("stages/probe.py") for t in argv):
+            continue
+        deps = [Path(d.fs_path) for d in stage.deps if type(d).__name__ == "Dependency"]
+        for ckpt in option(argv, "--checkpoint"):
+            path = (Path(stage.wdir) / ckpt).resolve()
+            if not covered(path, deps):
+                problems.append(f"{stage.addressing}: reads {ckpt} but does not declare it as a dep")
+            if option(argv, "--weights") == ["pretrained"]:
+                probed.setdefault(path, []).append(stage.addressing)
+    pretrainings = 0
+    for stage in all_stages():
+        argv = shlex.split(stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd))
+        if not any(t.endswith("stages/pretrain.py") for t in argv):
+            continue
+        pretrainings += 1
+        weights = [Path(o.fs_path) for o in stage.outs if Path(o.fs_path).name == "pretrain.pt"]
+        if len(weights) != 1 or weights[0] not in probed:
+            problems.append(f"{stage.addressing}: no probe stage reads its pretrain.pt with --weights pretrained")
+    assert pretrainings > 100  # every pipeline's pretraining stages were found (mid and paper included)
+    assert not problems, "\n".join(problems)

@@ -60,6 +60,8 @@ def stages():
     data = yaml.safe_load((PAPER / "params.yaml").read_text())
     out = {}
     for name, stage in dvc.items():
+        if "foreach" not in stage:  # the probe stages (matrix of checkpoint x init) train nothing
+            continue
         source = stage["foreach"][2:-1]  # "${a.b}" -> "a.b"
         items = data
         for part in source.split("."):

@@ -310,3 +310,33 @@ def test_probe_reads_a_timm_adapter_pretraining_checkpoint(tmp_path, timm_name, 
         with torch.no_grad():
             feats[init is None] = feature_fn(model)(imgs)
     assert feats[False].shape == feats[True].shape and not torch.allclose(feats[False], feats[True])
+
+
+def test_a_class_list_selects_the_classes_of_the_online_knn_and_of_the_probe(data_root, tmp_path):
+    """At mid scale pretraining reads ImageNet-100 from an ImageNet-1K root by a class list; the online
+    k-NN and the probe stage must read the same classes, not the whole root."""
+    from mixmim.engine.engine_pretrain import online_knn
+    from mixmim.probes import ProbeConfig, run_probe
+
+    wnids = sorted(p.name for p in (data_root / "train").iterdir())
+    assert len(wnids) == 3
+    class_list = tmp_path / "two.txt"
+    class_list.write_text("\n".join(wnids[:2]) + "\n")
+    base = dict(model="mixmim_nano", dataset="imagenet", data_root=str(data_root), knn_every=1)
+    whole = online_knn(from_mapping(PretrainConfig, base), 64, torch.device("cpu"))
+    two = online_knn(from_mapping(PretrainConfig, {**base, "class_list": str(class_list)}), 64, torch.device("cpu"))
+    assert (len(whole.train_set), len(whole.val_set)) == (18, 9)
+    assert (len(two.train_set), len(two.val_set)) == (12, 6)
+    # a k-NN on another labelled root reads it whole: the class list belongs to the pretraining root
+    other_root = tmp_path / "other"
+    write_imagenet(other_root, seed=1, image_size=16, num_classes=4, train_per_class=2, val_per_class=1)
+    other = online_knn(from_mapping(PretrainConfig, {**base, "class_list": str(class_list), "knn_dataset": "imagenet",
+                                                     "knn_data_root": str(other_root)}), 64, torch.device("cpu"))
+    assert (len(other.train_set), len(other.val_set)) == (8, 4)
+
+    cfg = from_mapping(ProbeConfig, dict(model="mixmim_nano", dataset="imagenet", data_root=str(data_root),
+                                         class_list=str(class_list), batch_size=4, linear_steps=5, progress=False,
+                                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="probe-tests",
+                                         output_dir=str(tmp_path / "probe")))
+    result = run_probe(cfg)
+    assert (result["n_train"], result["n_val"], result["num_classes"]) == (12, 6, 2)

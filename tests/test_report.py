@@ -285,6 +285,23 @@ def test_calibration_table(built: Mapping[str, Any]) -> None:
     assert inat["resolved"] == "—"
 
 
+def test_calibration_of_a_pipeline_without_scratch_runs_keeps_its_probes(built: Mapping[str, Any]) -> None:
+    """The mid and paper reports name no scratch stem: the row says so, and its probe cells still read."""
+    from mixmim.report import check_calibration
+
+    entries = check_calibration({"imagenet": {"metric": "top1", "pretrained": "finetune_imagenet", "scratch": "",
+                                              "probe_pretrained": "probe_imagenet_pretrained",
+                                              "probe_random": "probe_imagenet_random"}})
+    tables, _ = build_tables_from(PIPELINES, root=built["root"], calibration=entries, resamples=1000)
+    cal = next(t for t in tables if t.key == "calibration").frame
+    imagenet = _row(cal.astype(str), task="imagenet")
+    assert imagenet["pretrained"] == "70.0" and imagenet["knn_pretrained"] == "50.0"
+    assert imagenet["scratch"] == "— (no from-scratch run in this pipeline)" and imagenet["resolved"] == "—"
+    assert _row(cal.astype(str), task="coco")["pretrained"].startswith("— (not in report.calibration")
+    with pytest.raises(ValueError, match="imagenet.scratch=None"):
+        check_calibration({"imagenet": {"metric": "top1", "pretrained": "finetune_imagenet"}})
+
+
 def test_average_excludes_results_at_chance(built: Mapping[str, Any]) -> None:
     t5 = _table(built, "table5_cls_transfer")
     ours = _row(t5, backbone="MixMIM-B")

@@ -98,8 +98,11 @@ def online_knn(cfg: PretrainConfig, img_size: int, device: torch.device) -> Any:
         raise ValueError(f"knn_dataset={cfg.knn_dataset!r} without knn_data_root; expected the root of that "
                          "labelled dataset (a pipeline stage fills it from roots)")
     name, root = cfg.knn_dataset or cfg.dataset, cfg.knn_data_root or cfg.data_root
-    return OnlineKNN(classification_split(name, root, "train", tf, cfg.skip_bad_images),
-                     classification_split(name, root, "val", tf, cfg.skip_bad_images),
+    # The pretraining images' class list (ImageNet-100 at mid scale) selects the k-NN's classes too, so the
+    # probe reads the classes pretraining saw; another labelled dataset is read whole.
+    classes = cfg.class_list if name == cfg.dataset and root == cfg.data_root else None
+    return OnlineKNN(classification_split(name, root, "train", tf, cfg.skip_bad_images, classes),
+                     classification_split(name, root, "val", tf, cfg.skip_bad_images, classes),
                      cfg.knn_every, cfg.epochs, cfg.knn_k, cfg.knn_temperature, cfg.batch_size, device,
                      cfg.knn_max_train, cfg.seed, cfg.num_workers)
 

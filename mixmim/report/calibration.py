@@ -2,7 +2,8 @@
 
 One row per task, read from the default pipeline's metrics files named in the report's
 ``calibration`` map (params.yaml ``report.calibration``); a missing file gives ``—`` and
-the reason. ``resolved`` is ``yes`` when pretraining is ahead and the paired test on the
+the reason. A pipeline without from-scratch runs (mid, paper) names no scratch stem and keeps
+the rows of its probes, whose random-init encoder is a control that costs no training. ``resolved`` is ``yes`` when pretraining is ahead and the paired test on the
 shared validation images gives p < 0.05 (with two or more seeds, and the paired t test over
 the seeds too, as in every table), or (no per-image records) when the two 95% intervals do not
 overlap; ``no`` otherwise.
@@ -61,9 +62,12 @@ def check_calibration(section: Mapping[str, object], where: str = "report.calibr
         if unknown:
             raise ValueError(f"{where}.{task}: unknown key {sorted(unknown)[0]!r}; expected "
                              f"{list(CalibrationEntry.__dataclass_fields__)}")
-        for key in ("metric", "pretrained", "scratch"):
+        for key in ("metric", "pretrained"):
             if not isinstance(spec.get(key), str) or not spec.get(key):
                 raise ValueError(f"{where}.{task}.{key}={spec.get(key)!r}: expected a non-empty string")
+        if not isinstance(spec.get("scratch"), str):  # "": the pipeline has no from-scratch run (its probes may
+            raise ValueError(f"{where}.{task}.scratch={spec.get('scratch')!r}: expected a metrics file stem, "  # still
+                             "or '' for a pipeline without a from-scratch run")  # have a random-init control)
         if spec["metric"] not in MEASURES:
             raise ValueError(f"{where}.{task}.metric={spec['metric']!r}: expected one of {sorted(MEASURES)}")
         out[task] = CalibrationEntry(**{k: str(v) for k, v in spec.items()})  # type: ignore[arg-type]
@@ -106,7 +110,8 @@ def calibration_table(ctx: Context, entries: Mapping[str, CalibrationEntry] | No
         ep, es = ctx.estimate(pre, measure) if pre else None, ctx.estimate(scr, measure) if scr else None
         row = {"task": task, "metric": entry.metric}
         row.update(_value_cells("pretrained", ep, _why(ctx, entry.pretrained)))
-        row.update(_value_cells("scratch", es, _why(ctx, entry.scratch)))
+        row.update(_value_cells("scratch", es, _why(ctx, entry.scratch) if entry.scratch
+                                else "no from-scratch run in this pipeline"))
         test = ctx.compare(pre, scr, measure)
         row["diff"] = test.diff_cell()
         row["p_value"] = test.p_cell()
