@@ -246,7 +246,7 @@ def resolve_images(params: Any, images: Mapping[str, Any]) -> dict[str, str]:
 
 
 def reconstruction_stage(params: Any, sections: Sequence[str], checkpoint: str, metrics_path: str,
-                         seed: int | None = None) -> dict[str, Any]:
+                         seed: int | None = None, variant: str = "default") -> dict[str, Any]:
     """DVC stage: split the reconstruction error of ``checkpoint`` on every domain's held-out images.
 
     Writes the metrics JSON (per domain and pooled: loss, colour, structure, flat and the
@@ -268,7 +268,7 @@ def reconstruction_stage(params: Any, sections: Sequence[str], checkpoint: str, 
         if cfg.limit < 2:
             raise ValueError(f"{where}: limit={cfg.limit}; expected at least 2 images per domain")
 
-    cfg = stage_config(ReconstructionConfig, params, sections, "reconstruction", "default", "heldout",
+    cfg = stage_config(ReconstructionConfig, params, sections, "reconstruction", variant, "heldout",
                        "runs/reconstruction", seed, owned, root=first_root, check=check)
     model, config = load_pretrainer(cfg.init)
     splits, names = {}, {}

@@ -25,10 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=["reconstruction"], help="params sections, later ones override")
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint of this suite")
     p.add_argument("--seed", type=int, default=None, help="seed of the image subset and the masks")
+    p.add_argument("--variant", default="default", help="the pretraining variant (an ablation's name; MLflow run name)")
     p.add_argument("--metrics", required=True)
     a = p.parse_args(argv)
     return stage_main("stages/reconstruction.py", lambda: reconstruction_stage(
-        load_params(a.params), a.sections, a.checkpoint, a.metrics, seed=a.seed))
+        load_params(a.params), a.sections, a.checkpoint, a.metrics, seed=a.seed, variant=a.variant))
 
 
 if __name__ == "__main__":

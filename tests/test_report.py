@@ -102,6 +102,9 @@ def _populate(root: Path) -> None:
                  mean_loss_baseline=0.9, seed=seed)
         _classification(a, f"finetune_default_s{seed}", [0.70, 0.75, 0.80][seed], 20 + seed, seed=seed, **common)
         _classification(a, f"finetune_fill-zero_s{seed}", [0.20, 0.25, 0.30][seed], 30 + seed, seed=seed, **common)
+        for variant, shares in (("default", [10.0, 11.0, 12.0]), ("fill-zero", [20.0, 22.0, 21.0])):
+            _metrics(a, f"reconstruction_{variant}_s{seed}", seed=seed, model="mixmim_tiny",
+                     all={"structure_explained_pct": shares[seed], "n": 40})
     _segmentation(a, "ade20k_default_s0", 0.8, 40)
     _segmentation(a, "ade20k_fill-zero_s0", 0.8, 40)  # identical records: p = 1
     _metrics(a, "pretrain_epochs-8_s0", epochs=8, seed=0)
@@ -257,6 +260,25 @@ def test_pretraining_loss_per_variant_with_seed_interval_and_paired_t(built: Map
     assert one["pretrain_loss_resolved_vs_default"] == "—"
 
 
+def test_ablation_tables_carry_the_held_out_structure_explained(built: Mapping[str, Any]) -> None:
+    """The reconstruction stage of every variant: its pooled share (a nested key of the metrics JSON) with a t
+    interval over seeds, the reference's 0 as chance, and a paired t test over seeds against the default."""
+    t6 = _table(built, "table6_filling")
+    default, zero = _row(t6, fill="mix"), _row(t6, fill="zero")
+    ci = stats.t_interval([10.0, 11.0, 12.0])
+    assert default["structure_explained_ours"] == "11.0" and default["structure_explained_n_seeds"] == "3"
+    assert (float(default["structure_explained_ours_ci_low"]), float(default["structure_explained_ours_ci_high"])) \
+        == pytest.approx((ci.low, ci.high), abs=0.06)
+    assert default["structure_explained_chance"] == "0.0"
+    p = stats.paired_t_test([20.0, 22.0, 21.0], [10.0, 11.0, 12.0]).p_value
+    assert zero["structure_explained_diff_vs_default"] == "+10.0"
+    assert float(zero["structure_explained_p_vs_default"]) == pytest.approx(p, rel=1e-2)
+    assert zero["structure_explained_resolved_vs_default"] == ("yes" if p < 0.05 else "no")
+    assert "structure_explained_p_seeds_vs_default" not in t6.columns  # seeds are its only sample
+    assert _row(t6, fill="learnable")["structure_explained_ours"].startswith("— (no reconstruction_fill-learnable")
+    assert "held-out structure explained (%): per variant" in (built["out"] / "tables" / "table6_filling.md").read_text()
+
+
 def test_single_seed_gets_a_bootstrap_interval_and_mcnemar(built: Mapping[str, Any]) -> None:
     t2 = _table(built, "table2_in1k_mim")
     ours = _row(t2, method="MixMIM", pretrain_epochs_paper="600")
@@ -378,6 +400,24 @@ def test_loss_curves_band_over_seeds() -> None:
     single = figs.loss_curves_figure([figs.LossCurve("default", [([1, 2, 3], [1.0, 0.8, 0.6])], "default")])
     assert "no band" in single.get_suptitle() and not single.axes[0].collections
     assert "band" not in figs.loss_curves_figure([]).get_suptitle()
+
+
+def test_loss_panels_say_what_their_runs_trained() -> None:
+    """The pipelines train different models and budgets: each panel title names its model, decoder width,
+    batch and steps, spans where its variants differ, so no one reads two panels' curves as one experiment."""
+    from mixmim.report import figures as figs
+
+    short, long = [([10, 20, 250], [1.0, 0.8, 0.6])], [([10, 20, 750], [1.0, 0.8, 0.5])]
+    fig = figs.loss_curves_figure([
+        figs.LossCurve("default", [([10, 1000], [1.0, 0.4])], "default", 0.38, "mixmim_micro", 192, 16),
+        figs.LossCurve("default", short, "ablations", 0.38, "mixmim_micro", 96, 16),
+        figs.LossCurve("epochs-6", long, "ablations", 0.38, "mixmim_micro", 96, 16),
+        figs.LossCurve("vit", short, "backbones", 0.48, "vit_tiny", None, 16),
+        figs.LossCurve("swin", short, "backbones", 0.62, "swin_tiny", None, 16)])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["default pipeline\nmixmim_micro, decoder 192, batch 16, 1000 steps",
+                      "ablations pipeline\nmixmim_micro, decoder 96, batch 16, 250-750 steps",
+                      "backbones pipeline\n2 models, batch 16, 250 steps"]
 
 
 def test_loss_levels_per_variant_when_their_tasks_differ() -> None:

@@ -148,6 +148,9 @@ def _dense_figure(ctx: Context, stage: str, measure: str, paper_x: str, paper_y:
 def _loss_curves(tracking_uri: str, experiments: Mapping[str, str], results: Results) -> list[figs.LossCurve]:
     """Per-step pretraining losses from MLflow, grouped by (pipeline, variant) with one history per seed,
     each with its variant's predict-the-mean level from the committed pretraining metrics."""
+    from mlflow import MlflowClient
+
+    from ..models.registry import MODEL_SIZES
     from .runs import metric_history, pretrain_runs
 
     curves = []
@@ -168,7 +171,13 @@ def _loss_curves(tracking_uri: str, experiments: Mapping[str, str], results: Res
                       for r in results.group(role, "pretrain", "" if label == "default" else label)
                       or results.group(role, "pretrain", label)]
             levels = [v for v in levels if v is not None]
-            curves.append(figs.LossCurve(label, seeds, role, sum(levels) / len(levels) if levels else None))
+            params = MlflowClient(tracking_uri=tracking_uri).get_run(runs[0]).data.params
+            model = params.get("model", "")
+            decoder = params.get("model_kwargs.decoder_dim") or (
+                MODEL_SIZES[model].decoder_dim if model in MODEL_SIZES else None)
+            batch = params.get("derived.effective_batch")
+            curves.append(figs.LossCurve(label, seeds, role, sum(levels) / len(levels) if levels else None, model,
+                                         int(decoder) if decoder else None, int(batch) if batch else None))
     order = {role: i for i, role in enumerate(ROLES)}
     return sorted(curves, key=lambda c: (order.get(c.group, len(order)), c.label != "default", c.label))
 

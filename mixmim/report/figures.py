@@ -63,6 +63,33 @@ class LossCurve:
     seeds: Sequence[tuple[Sequence[int], Sequence[float]]]
     group: str = ""
     level: float | None = None
+    model: str = ""  # what the run trained: the model, its decoder width (MixMIM) and its effective batch,
+    decoder_dim: int | None = None  # so a panel title can say what its curves ran (the pipelines differ)
+    batch: int | None = None
+
+
+def _span(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def panel_configuration(curves: Sequence[LossCurve]) -> str:
+    """What a panel's runs trained, e.g. ``mixmim_micro, decoder 192, batch 16, 1000 steps``: pipelines run
+    different models and budgets, so two panels' curves are not to be read against each other."""
+    parts = []
+    models = sorted({c.model for c in curves if c.model})
+    if models:
+        parts.append(models[0] if len(models) == 1 else f"{len(models)} models")
+    decoders = [c.decoder_dim for c in curves if c.decoder_dim is not None]
+    if decoders:
+        parts.append(f"decoder {_span(decoders)}")
+    batches = [c.batch for c in curves if c.batch is not None]
+    if batches:
+        parts.append(f"batch {_span(batches)}")
+    steps = [max(s[-1] for s, _ in c.seeds if len(s)) for c in curves if any(len(s) for s, _ in c.seeds)]
+    if steps:
+        parts.append(f"{_span(steps)} steps")
+    return ", ".join(parts)
 
 
 LEVEL_SPREAD = 0.01
@@ -151,7 +178,8 @@ def loss_curves_figure(curves: Sequence[LossCurve],
                        title: str = "Pretraining loss per optimiser step (smoothed)") -> Figure:
     """One panel per pipeline, one smoothed curve per variant (mean over seeds, band = min-max over seeds),
     and the predict-the-mean loss as a dashed level: one line when the panel's variants share it, else
-    one per variant in its colour. Panels keep their own y axes: the pipelines train different models."""
+    one per variant in its colour. Panels keep their own y axes and say in their titles what they trained:
+    the pipelines train different models with different budgets."""
     groups = list(dict.fromkeys(c.group for c in curves)) or [""]
     crowded = max((sum(c.group == g for c in curves) for g in groups), default=0) > 8
     # A panel with many variants puts its legend below the axes: inside, it would hide the curves' start.
@@ -200,7 +228,8 @@ def loss_curves_figure(curves: Sequence[LossCurve],
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("reconstruction loss (normalised pixels)")
         ax.grid(True, alpha=0.25)
-        ax.set_title(f"{group} pipeline" if group else "", fontsize=9)
+        config = panel_configuration(members)
+        ax.set_title((f"{group} pipeline" if group else "") + (f"\n{config}" if config else ""), fontsize=9)
     banded = any(len(c.seeds) > 1 for c in curves)
     fig.suptitle(title + ("\nband: min-max over seeds" if banded else "\none seed per variant (no band)" if curves
                           else "\nno run"), fontsize=10)  # two lines: a one-panel figure is too narrow for both on one

@@ -52,7 +52,12 @@ class Result:
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
     def value(self, name: str) -> float | None:
-        v = self.metrics.get(name)
+        """A number of the metrics JSON; a dotted name reads into nested sections (``all.structure_explained_pct``)."""
+        v: Any = self.metrics.get(name)
+        if v is None and "." in name:
+            v = self.metrics
+            for part in name.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return None
         return float(v)
@@ -221,13 +226,14 @@ class Measure:
     label: str
     scale: float = 1.0
     records_suffix: str = ""
-    kind: str = "classification"  # classification | segmentation | detection-box | detection-mask | loss
+    kind: str = "classification"  # classification | segmentation | detection-box | detection-mask | loss | heldout
     digits: int = 1  # decimals shown
 
     @property
     def per_image(self) -> bool:
-        """Whether runs keep per-image records of it; a loss has one value per run, so seeds are its only sample."""
-        return self.kind != "loss"
+        """Whether runs keep per-image records of it; a loss, or a held-out share of a run, has one value per
+        run, so seeds are its only sample."""
+        return self.kind not in ("loss", "heldout")
 
     def per_item(self, record: Mapping[str, Any]) -> np.ndarray | None:
         """0/1 correctness per image (classification only)."""
@@ -258,6 +264,10 @@ MEASURES: dict[str, Measure] = {
     # The last epoch's mean reconstruction loss on the variant's own masked cells; its "chance"
     # level is the predict-the-mean loss (each masked cell filled with its true mean colour).
     "pretrain_loss": Measure("train_loss", "pretraining loss", kind="loss", digits=3),
+    # The share of the predict-the-mean reference's structure error that the pretrained model removes on
+    # held-out images (stages/reconstruction.py, pooled over domains); the reference itself scores 0.
+    "structure_explained": Measure("all.structure_explained_pct", "held-out structure explained (%)",
+                                   kind="heldout"),
 }
 
 

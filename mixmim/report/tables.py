@@ -344,6 +344,14 @@ def _n_note(ctx: Context, groups: Sequence[list[Result]], measure: Measure, why:
                 "(fill, mask ratio, one or two reconstructions) are not compared on it as encoders: a lower loss "
                 "there is an easier task (section 5 reads shuffle and zoom-in that way)."
                 + (f"; values shown with 'no interval': {', '.join(bare)}" if bare else ""))
+    if measure.kind == "heldout":
+        return (f"{measure.label}: per variant, 1 - structure error / the predict-the-mean reference's, pooled over "
+                f"the held-out images of every domain (stages/reconstruction.py: the labelled stand-ins, images "
+                f"pretraining never read, one fixed mask per batch), {', '.join(map(str, seeds))} seed(s) per "
+                "variant, compared by a paired t test over seeds; the reference scores 0 (the *_chance column). "
+                "It measures the pretext task on unseen images, so fills that leak the hidden cells (shuffle, "
+                "zoom-in) can score higher without a better encoder."
+                + (f"; values shown with 'no interval': {', '.join(bare)}" if bare else ""))
     what = {"classification": "most frequent validation class", "segmentation": "majority-class mIoU",
             }.get(measure.kind, "a detector without signal")
     return (f"{measure.label}: n = {', '.join(map(str, n_val)) or '?'} validation images, "
@@ -651,7 +659,7 @@ def table5(ctx: Context) -> Table:
 
 #: measure -> the ablations pipeline's stage that produces it
 ABLATION_MEASURES = (("top1", "finetune"), ("miou", "ade20k"), ("knn_top1", "probe"), ("linear_top1", "probe"),
-                     ("pretrain_loss", "pretrain"))
+                     ("pretrain_loss", "pretrain"), ("structure_explained", "reconstruction"))
 
 
 def _ablation_measures(res: Results) -> list[tuple[str, str]]:
