@@ -3,10 +3,11 @@
 One row per task, read from the default pipeline's metrics files named in the report's
 ``calibration`` map (params.yaml ``report.calibration``); a missing file gives ``—`` and
 the reason. A pipeline without from-scratch runs (mid, paper) names no scratch stem and keeps
-the rows of its probes, whose random-init encoder is a control that costs no training. ``resolved`` is ``yes`` when pretraining is ahead and the paired test on the
-shared validation images gives p < 0.05 (with two or more seeds, and the paired t test over
-the seeds too, as in every table), or (no per-image records) when the two 95% intervals do not
-overlap; ``no`` otherwise.
+the rows of its probes, whose random-init encoder is a control that costs no training.
+``resolved`` is ``yes`` when pretraining is ahead and the paired test on the shared validation
+images gives p < 0.05 (with two or more seeds, and the paired t test over the seeds too, as in
+every table), or (no per-image records) when the two 95% intervals do not overlap; ``no``
+otherwise.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def check_calibration(section: Mapping[str, object], where: str = "report.calibr
         for key in ("metric", "pretrained"):
             if not isinstance(spec.get(key), str) or not spec.get(key):
                 raise ValueError(f"{where}.{task}.{key}={spec.get(key)!r}: expected a non-empty string")
-        if not isinstance(spec.get("scratch"), str):  # "": the pipeline has no from-scratch run (its probes may
-            raise ValueError(f"{where}.{task}.scratch={spec.get('scratch')!r}: expected a metrics file stem, "  # still
-                             "or '' for a pipeline without a from-scratch run")  # have a random-init control)
+        # scratch "" says the pipeline has no from-scratch run; its probes may still have a random-init control
+        if not isinstance(spec.get("scratch"), str):
+            raise ValueError(f"{where}.{task}.scratch={spec.get('scratch')!r}: expected a metrics file stem, "
+                             "or '' for a pipeline without a from-scratch run")
         if spec["metric"] not in MEASURES:
             raise ValueError(f"{where}.{task}.metric={spec['metric']!r}: expected one of {sorted(MEASURES)}")
         out[task] = CalibrationEntry(**{k: str(v) for k, v in spec.items()})  # type: ignore[arg-type]
