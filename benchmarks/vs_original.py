@@ -148,6 +148,14 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
           f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
+    if args.rounds >= 4:
+        # The shared script always times ours first; rounds here alternate, so the two orders can be compared.
+        from scipy.stats import mannwhitneyu
+
+        first, second = ratios[0::2], ratios[1::2]  # even rounds: ours ran first
+        test = mannwhitneyu(first, second, alternative="two-sided")
+        print(f"by order: ours first {statistics.median(first):.2f}x (n = {len(first)}), original first "
+              f"{statistics.median(second):.2f}x (n = {len(second)}); Mann-Whitney U p = {test.pvalue:.3g}")
     if args.memory:
         del sides, steps
         mem = {side: peak_memory_alone(args.original, side, args) for side in ("ours", "original")}
