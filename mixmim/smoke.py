@@ -48,7 +48,7 @@ import yaml
 from .engine.config import ConfigError
 
 __all__ = ["OVERLAY_NAME", "SMOKE_KEY", "WILDCARD", "SmokeSettings", "select_targets", "read_overlay", "Pipeline", "SmokeResult", "apply_overlays", "deep_merge",
-           "discover_pipelines", "main", "make_copy", "run_pipeline", "stage_names"]
+           "discover_pipelines", "main", "make_copy", "run_pipeline", "stage_names", "MIN_FREE_GIB", "check_free_space"]
 
 OVERLAY_NAME = "smoke.yaml"
 SMOKE_KEY = "smoke"  # an overlay's runner settings (full / sample / include), not merged into the params
@@ -233,6 +233,27 @@ def make_copy(dest: Path, root: Path = REPO, pipelines: Sequence[Pipeline] | Non
     return dest
 
 
+# --------------------------------------------------------------------------- disk
+#: Free space a smoke run of every pipeline needs where it makes its copy: its copy (checkpoints of
+#: the real timm encoders, the DVC cache, MLflow stores) peaked at 2.2 GiB on the development VM;
+#: the rest is margin. A run that fills the disk fails deep inside ``torch.save`` in some stage, so
+#: the runner checks first and says what it found.
+MIN_FREE_GIB = 3.0
+
+
+def check_free_space(folder: Path, min_free_gib: float = MIN_FREE_GIB) -> float:
+    """Free GiB on the file system of ``folder`` (or of its nearest existing parent); raise when
+    it is below ``min_free_gib``."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free / 2**30
+    if free < min_free_gib:
+        raise ConfigError(f"only {free:.1f} GiB free under {probe}; a smoke run needs at least {min_free_gib:.1f} "
+                          "GiB for its copy (use --workdir on a larger disk, or --min-free-gib to change the check)")
+    return free
+
+
 # --------------------------------------------------------------------------- running
 def smoke_env(bin_dir: Path, copy_root: Path | None = None) -> dict[str, str]:
     """The venv first on PATH (``python``, ``torchrun``, ``dvc`` in stage commands), the copy's ``mixmim``
@@ -305,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where to make the copy (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the copy afterwards")
     parser.add_argument("--timings", type=Path, default=None, help="write {pipeline: seconds, ...} JSON here")
+    parser.add_argument("--min-free-gib", type=float, default=MIN_FREE_GIB,
+                        help=f"refuse to start with less free disk where the copy goes (default {MIN_FREE_GIB})")
     parser.add_argument("--list", action="store_true", help="list the pipelines and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -316,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown pipeline {unknown[0]!r}; expected one of {', '.join(by_name)}")
     chosen = [by_name[n] for n in args.pipelines] or available
     bin_dir = Path(sys.executable).parent
+    try:
+        check_free_space(args.workdir or Path(tempfile.gettempdir()), args.min_free_gib)
+    except ConfigError as err:
+        parser.error(str(err))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mixmim-smoke-"))
     # the root pipeline's overlay always applies: its prepare_data writes the stand-ins for everyone
     overlaid = [p for p in available if p.name == "default" or p in chosen]

@@ -10,8 +10,8 @@ import yaml
 
 from mixmim.engine.config import ConfigError
 from mixmim.smoke import (
-    SmokeSettings, apply_overlays, deep_merge, discover_pipelines, make_copy, merged_params, read_overlay,
-    select_targets,
+    SmokeSettings, apply_overlays, check_free_space, deep_merge, discover_pipelines, main, make_copy, merged_params,
+    read_overlay, select_targets,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +102,17 @@ def test_apply_overlays_refuses_a_pipeline_without_one(tmp_path):
     (tmp_path / "pipelines" / "x" / "params.yaml").write_text("a: 1\n")
     with pytest.raises(ConfigError, match="pipelines/x/smoke.yaml"):
         apply_overlays(tmp_path, discover_pipelines(tmp_path))
+
+
+def test_a_smoke_run_refuses_to_start_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    """Too little free space is said before any copy is made, naming what was found and what is needed."""
+    free = check_free_space(tmp_path / "not" / "yet", 0.0)  # an absent folder is measured at its parent
+    assert free > 0
+    with pytest.raises(ConfigError, match=r"GiB free under .*needs at least 1000000\.0 GiB"):
+        check_free_space(tmp_path, 1e6)
+    workdir = tmp_path / "copy"
+    with pytest.raises(SystemExit) as stop:
+        main(["default", "--workdir", str(workdir), "--min-free-gib", "1e6"])
+    assert stop.value.code == 2
+    assert "needs at least 1000000.0 GiB" in capsys.readouterr().err
+    assert not workdir.exists()
