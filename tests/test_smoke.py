@@ -104,7 +104,7 @@ def test_apply_overlays_refuses_a_pipeline_without_one(tmp_path):
         apply_overlays(tmp_path, discover_pipelines(tmp_path))
 
 
-def test_a_smoke_run_refuses_to_start_on_a_full_disk(tmp_path, monkeypatch, capsys):
+def test_a_smoke_run_refuses_to_start_on_a_full_disk(tmp_path, capsys):
     """Too little free space is said before any copy is made, naming what was found and what is needed."""
     free = check_free_space(tmp_path / "not" / "yet", 0.0)  # an absent folder is measured at its parent
     assert free > 0
