@@ -13,6 +13,16 @@ shared machine. ``--precision bf16`` runs both sides under ``torch.autocast("cpu
 ``--memory`` also runs each side alone in a fresh process and reports its peak resident
 memory (two steps), since one process cannot separate the two sides' peaks.
 
+Every run also counts each side's minor page faults per step (``getrusage``): memory the
+kernel had to hand over and zero because the allocator took it fresh from the system.
+With glibc's default malloc, blocks above the mmap threshold (128 KiB at start, raised by
+glibc up to 32 MiB as large blocks are freed) are mapped and unmapped on every use, so a
+side that allocates more large temporaries pays more faults, and how many depends on the
+process's allocation history. Pinning the thresholds removes the faults for both sides:
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \
+        python benchmarks/vs_original.py /tmp/mixmim-original --rounds 20
+
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 6 --precision fp32 --memory
 """
 
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -59,18 +70,28 @@ def build_sides(original, name: str):
     return {"ours": (ours, lambda m, x: m(x).loss), "original": (theirs, lambda m, x: m(x, mask_ratio=0.5)[0])}
 
 
-def make_step(model, loss_of, x, precision: str, clock=time.perf_counter):
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def make_step(model, loss_of, x, precision: str, clock=time.perf_counter, faults: list[int] | None = None):
+    """One timed training step; appends the step's minor page faults to ``faults`` when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step() -> float:
+        f0 = minor_faults()
         t = clock()
         with ctx:
             loss = loss_of(model, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return clock() - t
+        elapsed = clock() - t
+        if faults is not None:
+            faults.append(minor_faults() - f0)
+        return elapsed
 
     return step
 
@@ -91,7 +112,10 @@ def machine() -> str:
         flags = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags)
     except (OSError, StopIteration):
         pass
-    return f"{model} ({flags or 'no AVX-512'}), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    malloc = f"GLIBC_TUNABLES={tunables}" if tunables else "default malloc settings"
+    return (f"{model} ({flags or 'no AVX-512'}), {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"{malloc}")
 
 
 def peak_memory_alone(folder: Path, side: str, args) -> float:
@@ -131,9 +155,12 @@ def main() -> None:
         print(json.dumps({"side": args.only, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
     clock = time.process_time if args.cpu_time else time.perf_counter
-    steps = {k: make_step(m, f, x, args.precision, clock) for k, (m, f) in sides.items()}
+    faults: dict[str, list[int]] = {k: [] for k in sides}
+    steps = {k: make_step(m, f, x, args.precision, clock, faults[k]) for k, (m, f) in sides.items()}
     for s in steps.values():  # warm-up round, not timed
         s()
+    for v in faults.values():
+        v.clear()
     times = {k: [] for k in steps}
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
@@ -148,6 +175,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
           f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
+    page = resource.getpagesize()
+    print("minor page faults per step (median): " + ", ".join(
+        f"{k} {statistics.median(v):.0f} ({statistics.median(v) * page / 2**20:.0f} MiB)" for k, v in faults.items()))
     if args.rounds >= 4:
         # The shared script always times ours first; rounds here alternate, so the two orders can be compared.
         from scipy.stats import mannwhitneyu
