@@ -114,8 +114,10 @@ def machine() -> str:
         pass
     tunables = os.environ.get("GLIBC_TUNABLES")
     malloc = f"GLIBC_TUNABLES={tunables}" if tunables else "default malloc settings"
+    from mixmim.models import layers
+
     return (f"{model} ({flags or 'no AVX-512'}), {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"{malloc}")
+            f"{malloc}, our fp32 CPU linear products by {layers.CPU_LINEAR_BACKEND}")
 
 
 def peak_memory_alone(folder: Path, side: str, args) -> float:

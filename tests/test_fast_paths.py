@@ -31,8 +31,10 @@ SMALL = dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_h
 
 @pytest.fixture(autouse=True)
 def onednn_for_small_products(monkeypatch):
-    """The tiny test models fall below the size above which oneDNN is used; use it anyway."""
+    """The tiny test models fall below the size above which oneDNN is used, and Intel CPUs
+    use the BLAS instead; take the oneDNN route anyway, on every machine."""
     monkeypatch.setattr(layers, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "onednn")
 
 
 @pytest.fixture
@@ -105,6 +107,36 @@ def test_onednn_linear_stays_out_of_autocast_and_other_dtypes(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear_applies(torch.randn(2, 4), w)
         assert fast_linear(torch.randn(2, 4), w).dtype == torch.bfloat16
+
+
+def test_blas_backend_keeps_f_linear(monkeypatch):
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "blas")
+    x, w = torch.randn(2, 4, requires_grad=True), torch.randn(8, 4)
+    assert not onednn_linear_applies(x, w)
+    out = fast_linear(x, w)
+    assert out.grad_fn.name() == "MmBackward0"  # autograd's own linear, not _OneDNNLinear
+    mlp = layers.Mlp(4, 8)
+    assert mlp(x.unsqueeze(0)).grad_fn.name() != "_OneDNNMlpBackward"
+
+
+@pytest.mark.parametrize("choice,vendor,expected", [
+    ("auto", "AuthenticAMD", "onednn"), ("auto", "GenuineIntel", "blas"), ("auto", "", "blas"),
+    ("onednn", "GenuineIntel", "onednn"), ("blas", "AuthenticAMD", "blas"),
+])
+def test_cpu_linear_backend_by_vendor_and_by_hand(choice, vendor, expected):
+    assert layers.resolve_cpu_linear_backend(choice, vendor) == expected
+
+
+def test_cpu_linear_backend_refuses_unknown_choice():
+    with pytest.raises(ValueError, match=r"MIXMIM_CPU_LINEAR='mkl': expected one of auto, onednn, blas"):
+        layers.resolve_cpu_linear_backend("mkl", "GenuineIntel")
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert layers.cpu_vendor(info) == "AuthenticAMD"
+    assert layers.cpu_vendor(tmp_path / "missing") == ""
 
 
 def test_use_fast_linears_keeps_parameters_and_outputs():

@@ -3,10 +3,11 @@ fixed position embeddings, windowing helpers and the window-attention block.
 
 Speed notes (the numerics are those of the plain formulation):
 
-- Linear layers run their three products (forward, input and weight gradients) through
-  oneDNN on the CPU in fp32, which is faster than the default BLAS on this suite's
-  machines; anywhere else (CUDA, autocast, other dtypes, FLOP counting, compilation)
-  they are ``F.linear``.
+- On AMD CPUs, linear layers run their three products (forward, input and weight
+  gradients) through oneDNN in fp32, which is faster there than the default BLAS (MKL);
+  on Intel CPUs MKL is the faster of the two and they stay ``F.linear``
+  (:data:`CPU_LINEAR_BACKEND`, ``$MIXMIM_CPU_LINEAR`` to choose by hand). Anywhere else
+  (CUDA, autocast, other dtypes, FLOP counting, compilation) they are ``F.linear``.
 - The encoder hands every block its tokens already in attention order (see
   :class:`AttentionPlan`), so blocks never partition or reverse windows.
 - Group-restricted attention is computed per group of each window: the tokens are
@@ -18,13 +19,16 @@ Speed notes (the numerics are those of the plain formulation):
   the segments of group-restricted attention as one autograd node with the softmax and
   its gradient in place (:class:`_SegmentAttention`); elsewhere it goes through
   ``F.scaled_dot_product_attention``.
-- Training on the CPU in fp32, the MLP (fc1, GELU, fc2) is one oneDNN node whose GELU
-  gradient overwrites the buffer it is computed from (:class:`_OneDNNMlp`).
+- Training on the CPU in fp32 with the oneDNN backend, the MLP (fc1, GELU, fc2) is one
+  oneDNN node whose GELU gradient overwrites the buffer it is computed from
+  (:class:`_OneDNNMlp`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,43 @@ def to_2tuple(value: int | Size2 | list[int]) -> Size2:
 # --------------------------------------------------------------------------- #
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
+CPU_LINEAR_ENV = "MIXMIM_CPU_LINEAR"
+CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's ``vendor_id`` (``AuthenticAMD``, ``GenuineIntel``), or ``""`` where the
+    system does not say (no ``/proc/cpuinfo``: not Linux)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+def resolve_cpu_linear_backend(choice: str, vendor: str) -> str:
+    """``"onednn"`` or ``"blas"`` for the fp32 CPU products of linear layers.
+
+    ``auto`` picks by vendor, after what benchmarks/README.md measured: on an AMD EPYC
+    (Zen 4) oneDNN's fp32 GEMM was 1.15-1.4x MKL's (MKL does not use its fastest kernels
+    on AMD CPUs), while on an Intel Xeon MKL made the MixMIM-B pretraining step about 8%
+    faster than oneDNN. Other or unknown vendors keep the BLAS, the PyTorch default.
+    """
+    if choice not in CPU_LINEAR_CHOICES:
+        raise ValueError(f"{CPU_LINEAR_ENV}={choice!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}")
+    if choice != "auto":
+        return choice
+    return "onednn" if vendor == "AuthenticAMD" else "blas"
+
+
+# Which library computes large fp32 linear products on the CPU; tests and benchmarks may
+# set it, everything else reads it at call time.
+CPU_LINEAR_BACKEND = resolve_cpu_linear_backend(os.environ.get(CPU_LINEAR_ENV, "auto"), cpu_vendor())
+
 
 def _onednn_mm(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a @ w.T + bias`` for 2-D ``a`` and ``w`` (either may be a transposed view) by oneDNN."""
@@ -55,7 +96,7 @@ def _onednn_mm(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 # Below this many multiply-adds per product the default BLAS call is cheaper (oneDNN's
-# per-call overhead dominates); above it oneDNN was 1.15-1.4x faster on the development
+# per-call overhead dominates); above it oneDNN was 1.15-1.4x faster on the AMD development
 # machine (benchmarks/README.md).
 ONEDNN_MIN_MACS = 2**25
 
@@ -63,12 +104,12 @@ ONEDNN_MIN_MACS = 2**25
 def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`fast_linear` takes the oneDNN route for these operands.
 
-    Only for large enough fp32 products on the CPU outside autocast, compilation and
-    dispatch modes (so that FLOP counters, meta tensors and torch.compile see an ordinary
-    ``F.linear``).
+    Only with the oneDNN backend (:data:`CPU_LINEAR_BACKEND`), for large enough fp32
+    products on the CPU outside autocast, compilation and dispatch modes (so that FLOP
+    counters, meta tensors and torch.compile see an ordinary ``F.linear``).
     """
     return (
-        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and weight.device.type == "cpu"
+        CPU_LINEAR_BACKEND == "onednn" and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and weight.device.type == "cpu"
         and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.ndim >= 2
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()

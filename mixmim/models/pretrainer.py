@@ -170,7 +170,7 @@ class MixMIMDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
         self.apply(init_transformer_weights)
-        use_fast_linears(self)  # same parameters; oneDNN matmuls on the CPU (layers.fast_linear)
+        use_fast_linears(self)  # same parameters; oneDNN matmuls on AMD CPUs (layers.fast_linear)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
