@@ -18,7 +18,10 @@ kernel had to hand over and zero because the allocator took it fresh from the sy
 With glibc's default malloc, blocks above the mmap threshold (128 KiB at start, raised by
 glibc up to 32 MiB as large blocks are freed) are mapped and unmapped on every use, so a
 side that allocates more large temporaries pays more faults, and how many depends on the
-process's allocation history. Pinning the thresholds removes the faults for both sides:
+process's allocation history: interleaved, a side's step that follows the other side's step
+finds the heap as the other side left it. ``--steady`` runs one untimed step of the same side
+before every timed one, so each timed step follows its own kind, as every step does in
+training. Pinning the thresholds removes the faults for both sides:
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \
         python benchmarks/vs_original.py /tmp/mixmim-original --rounds 20
@@ -80,7 +83,7 @@ def make_step(model, loss_of, x, precision: str, clock=time.perf_counter, faults
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-    def step() -> float:
+    def step(record: bool = True) -> float:
         f0 = minor_faults()
         t = clock()
         with ctx:
@@ -89,7 +92,7 @@ def make_step(model, loss_of, x, precision: str, clock=time.perf_counter, faults
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = clock() - t
-        if faults is not None:
+        if faults is not None and record:
             faults.append(minor_faults() - f0)
         return elapsed
 
@@ -120,6 +123,19 @@ def machine() -> str:
             f"{malloc}, our fp32 CPU linear products by {layers.CPU_LINEAR_BACKEND}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's ``VmHWM`` belongs to the address space, which
+    ``exec`` replaces; ``ru_maxrss`` survives ``exec`` and would report the parent's peak at fork
+    when the parent was larger (as ``--memory``'s parent, holding both sides, is)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_alone(folder: Path, side: str, args) -> float:
     """Peak RSS (MiB) of a fresh process running two steps of one side."""
     cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
@@ -140,6 +156,9 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time (meaningful with one thread: "
                              "OMP_NUM_THREADS=1), which other load on a shared machine does not inflate")
+    parser.add_argument("--steady", action="store_true",
+                        help="before each timed step run one untimed step of the same side, so that every "
+                             "timed step follows one of its own, as in training, and not one of the other side")
     parser.add_argument("--only", choices=["ours", "original"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.batch < 1:
@@ -154,7 +173,7 @@ def main() -> None:
         step = make_step(model, loss_of, x, args.precision)
         step()
         step()
-        print(json.dumps({"side": args.only, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"side": args.only, "peak_rss_mib": peak_rss_mib()}))
         return
     clock = time.process_time if args.cpu_time else time.perf_counter
     faults: dict[str, list[int]] = {k: [] for k in sides}
@@ -167,12 +186,16 @@ def main() -> None:
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for k in order:
+            if args.steady:
+                steps[k](record=False)
             times[k].append(steps[k]())
     ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
     lo, hi = bootstrap_median_ci(ratios)
     print(f"machine: {machine()}")
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up), "
-          f"{'CPU' if args.cpu_time else 'wall'} time")
+          f"{'CPU' if args.cpu_time else 'wall'} time, "
+          + ("each timed step after an untimed one of the same side (--steady)" if args.steady
+             else "each side's step right after the other side's (interleaved)"))
     print("step seconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
@@ -182,6 +205,8 @@ def main() -> None:
         f"{k} {statistics.median(v):.0f} ({statistics.median(v) * page / 2**20:.0f} MiB)" for k, v in faults.items()))
     if args.rounds >= 4:
         # The shared script always times ours first; rounds here alternate, so the two orders can be compared.
+        # Interleaved, a side that runs second in a round follows the other side's step, while the side that
+        # runs first follows its own step of the round before (the rounds alternate).
         from scipy.stats import mannwhitneyu
 
         first, second = ratios[0::2], ratios[1::2]  # even rounds: ours ran first

@@ -1,0 +1,150 @@
+"""Where a pretraining step's wall time goes, by module kind, forward and backward, both sides.
+
+``profile_step.py`` reports ``torch.profiler``'s self time per operator, which in this step
+misplaces time between neighbouring operators (the same GELU of the same shape reads 10x
+apart on the two sides). This script times with the wall clock instead: every module of
+the chosen kinds has its forward timed directly, and identity autograd nodes placed at its
+input and output stamp the moments its backward begins and ends (autograd on the CPU runs one
+node at a time, so the span between the stamps is that module's backward, nested modules
+included). A step is forward, backward and an AdamW step of MixMIM pretraining, batch 4,
+224 px, fp32, each side in a process of its own (``--side``), after two warm-up steps;
+medians over ``--steps`` steps. Kinds nest: ``Linear`` inside ``WindowAttention`` and ``Mlp``
+is counted in both.
+
+    python benchmarks/step_breakdown.py /tmp/mixmim-original --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_original import load_original, machine  # noqa: E402  (sibling benchmark script)
+
+KINDS = ("Linear", "Mlp", "GELU", "LayerNorm", "WindowAttention", "Attention", "PatchMerging")
+
+
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward calls ``stamp(key)`` when the gradient reaches it."""
+
+    @staticmethod
+    def forward(ctx, x, key, stamp):
+        ctx.key, ctx.stamp = key, stamp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.stamp(ctx.key)
+        return grad, None, None
+
+
+def instrument(model: torch.nn.Module, kinds: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """Wrap the forward of every module whose class name is in ``kinds``; returns the accumulator
+    {(kind, "forward" | "backward"): seconds} the wrappers add to."""
+    acc: dict[tuple[str, str], float] = collections.defaultdict(float)
+    begun: dict[tuple[str, int], float] = {}
+
+    def backward_begins(key):
+        begun[key] = time.perf_counter()
+
+    def backward_ends(key):
+        if key in begun:
+            acc[(key[0], "backward")] += time.perf_counter() - begun.pop(key)
+
+    for mod in model.modules():
+        kind = type(mod).__name__
+        if kind not in kinds:
+            continue
+        inner = mod.forward
+
+        def forward(x, *a, _inner=inner, _key=(kind, id(mod)), **kw):
+            if torch.is_tensor(x) and x.requires_grad:
+                x = _Stamp.apply(x, _key, backward_ends)
+            t = time.perf_counter()
+            y = _inner(x, *a, **kw)
+            acc[(_key[0], "forward")] += time.perf_counter() - t
+            if torch.is_tensor(y) and y.requires_grad:
+                y = _Stamp.apply(y, _key, backward_begins)
+            return y
+
+        mod.forward = forward
+    return acc
+
+
+def measure(folder: Path, side: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    if side == "ours":
+        from mixmim.models import build_pretrainer
+
+        model = build_pretrainer("mixmim_base")
+
+        def loss_of(x):
+            return model(x).loss
+    else:
+        model = load_original(folder).mixmim_base(norm_pix_loss=True)
+
+        def loss_of(x):
+            return model(x, mask_ratio=0.5)[0]
+    acc = instrument(model, KINDS)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(4, 3, 224, 224)
+
+    def step() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        loss = loss_of(x)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    step()
+    step()
+    phases, parts = [], collections.defaultdict(list)
+    for _ in range(steps):
+        acc.clear()
+        phases.append(step())
+        for key, v in acc.items():
+            parts[f"{key[0]} {key[1]}"].append(v)
+    out = {name: statistics.median(p[i] for p in phases) for i, name in enumerate(("forward", "backward", "AdamW"))}
+    out.update({k: statistics.median(v) for k, v in parts.items()})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("original", type=Path, help="folder laid by lay_original.sh")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--side", choices=["ours", "original"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}; expected at least 1")
+    if args.side:
+        print(json.dumps(measure(args.original, args.side, args.steps)))
+        return
+    load_original(args.original)  # a clear message now if it is not laid
+    res = {}
+    for side in ("ours", "original"):
+        cmd = [sys.executable, __file__, str(args.original), "--steps", str(args.steps), "--side", side]
+        res[side] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    print(f"machine: {machine()}")
+    print(f"MixMIM-B pretraining, batch 4, 224 px, fp32; median of {args.steps} steps; wall seconds per step")
+    print(f"{'part':<28}{'ours':>9}{'original':>10}")
+    keys = ["forward", "backward", "AdamW"] + sorted(k for k in set(res["ours"]) | set(res["original"])
+                                                     if k not in ("forward", "backward", "AdamW"))
+    for k in keys:
+        print(f"{k:<28}" + "".join(f"{res[s][k]:>9.3f}" if k in res[s] else f"{'-':>9}" for s in ("ours", "original")))
+
+
+if __name__ == "__main__":
+    main()
