@@ -74,9 +74,9 @@ def resolve_cpu_linear_backend(choice: str, vendor: str) -> str:
     """``"onednn"`` or ``"blas"`` for the fp32 CPU products of linear layers.
 
     ``auto`` picks by vendor, after what benchmarks/README.md measured: on an AMD EPYC
-    (Zen 4) oneDNN's fp32 GEMM was 1.15-1.4x MKL's (MKL does not use its fastest kernels
-    on AMD CPUs), while on an Intel Xeon MKL made the MixMIM-B pretraining step about 8%
-    faster than oneDNN. Other or unknown vendors keep the BLAS, the PyTorch default.
+    (Zen 4) oneDNN's fp32 GEMM was 1.15-1.4x MKL's, while on an Intel Xeon the MixMIM-B
+    pretraining step took 1.076x as long with oneDNN as with MKL (95% CI 1.034-1.103).
+    Other or unknown vendors keep the BLAS, the PyTorch default.
     """
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"{CPU_LINEAR_ENV}={choice!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}")
@@ -109,7 +109,8 @@ def onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
     counters, meta tensors and torch.compile see an ordinary ``F.linear``).
     """
     return (
-        CPU_LINEAR_BACKEND == "onednn" and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and weight.device.type == "cpu"
+        CPU_LINEAR_BACKEND == "onednn" and _ONEDNN_LINEAR is not None
+        and x.device.type == "cpu" and weight.device.type == "cpu"
         and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.ndim >= 2
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
