@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_original import bootstrap_median_ci, machine  # noqa: E402  (sibling benchmark script)
+from vs_original import bootstrap_median_ci, machine, make_step  # noqa: E402  (sibling benchmark script)
 
 from mixmim.models import build_pretrainer, layers  # noqa: E402
 
@@ -39,19 +38,11 @@ def main() -> None:
         raise ValueError(f"--rounds {args.rounds} --batch {args.batch}; expected at least 2 rounds and 1 image")
     if layers._ONEDNN_LINEAR is None:
         raise SystemExit("this torch build has no oneDNN linear op; nothing to compare")
+    here = machine()  # before the rounds switch the backend: it names the automatic choice
     torch.manual_seed(0)
     model = build_pretrainer(args.model)
     size = model.encoder.img_size
-    x = torch.randn(args.batch, 3, *size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        t = time.perf_counter()
-        model(x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
+    step = make_step(model, lambda m, x: m(x).loss, torch.randn(args.batch, 3, *size), "fp32")
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for backend in BACKENDS:  # warm-up, not timed
         layers.CPU_LINEAR_BACKEND = backend
@@ -63,13 +54,11 @@ def main() -> None:
             times[backend].append(step())
     ratios = [o / b for o, b in zip(times["onednn"], times["blas"], strict=True)]
     lo, hi = bootstrap_median_ci(ratios)
-    print(f"machine: {machine().rsplit(', our fp32', 1)[0]}")
+    print(f"machine: {here}")
     print(f"{args.model}, batch {args.batch}, {size[0]} px, fp32, {args.rounds} rounds")
     print("step seconds:", {k: [round(t, 3) for t in v] for k, v in times.items()})
     print(f"median step: oneDNN {statistics.median(times['onednn']):.3f} s, BLAS {statistics.median(times['blas']):.3f} s; "
-          f"oneDNN / BLAS (median of per-round ratios) {statistics.median(ratios):.3f}, 95% CI [{lo:.3f}, {hi:.3f}]; "
-          f"the auto choice here: {layers.resolve_cpu_linear_backend('auto', layers.cpu_vendor())}")
-
+          f"oneDNN / BLAS (median of per-round ratios) {statistics.median(ratios):.3f}, 95% CI [{lo:.3f}, {hi:.3f}]")
 
 if __name__ == "__main__":
     main()

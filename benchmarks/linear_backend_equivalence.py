@@ -95,6 +95,8 @@ def run_tree(tree: Path, backend: str | None, out: Path) -> dict:
 
 def compare(a: dict, b: dict) -> tuple[int, int, float]:
     """(tensors compared, tensors that differ, largest absolute difference)."""
+    if a.keys() != b.keys():
+        raise SystemExit(f"the two trees saved different tensors: {sorted(set(a) ^ set(b))}")
     n = diff = 0
     worst = 0.0
     for key in a:
@@ -102,8 +104,6 @@ def compare(a: dict, b: dict) -> tuple[int, int, float]:
         if not torch.equal(a[key], b[key]):
             diff += 1
             worst = max(worst, (a[key] - b[key]).abs().max().item())
-    if a.keys() != b.keys():
-        raise SystemExit(f"the two trees saved different tensors: {sorted(set(a) ^ set(b))}")
     return n, diff, worst
 
 
