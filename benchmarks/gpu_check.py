@@ -218,9 +218,10 @@ def time_steps(kind: str, model_name: str, batch: int, img_size: int, compile_mo
 def ddp_worker(model_name: str, batch: int, img_size: int, steps: int) -> None:
     import torch.distributed as dist
 
+    # the device first, as the PyTorch DDP tutorial asks: it avoids hangs and memory on GPU 0
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
     rank = dist.get_rank()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(0)
     model = build_pretrainer(model_name, img_size=img_size).cuda()
     ddp = torch.nn.parallel.DistributedDataParallel(model)

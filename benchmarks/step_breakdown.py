@@ -9,7 +9,11 @@ node at a time, so the span between the stamps is that module's backward, nested
 included). A step is forward, backward and an AdamW step of MixMIM pretraining, batch 4,
 224 px, fp32, each side in a process of its own (``--side``), after two warm-up steps;
 medians over ``--steps`` steps. Kinds nest: ``Linear`` inside ``WindowAttention`` and ``Mlp``
-is counted in both.
+is counted in both; the qkv and output projections of the window attention are also counted
+apart (``Linear in WindowAttention``), so that the attention proper (scores, bias, softmax,
+weighted sum and their gradients) is the difference. From that the script prints a bound: the
+original's step over ours with our attention proper taken out, i.e. the most that any change to
+our window attention alone could give against the original on this machine.
 
     python benchmarks/step_breakdown.py /tmp/mixmim-original --steps 3
 """
@@ -31,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_original import load_original, machine  # noqa: E402  (sibling benchmark script)
 
 KINDS = ("Linear", "Mlp", "GELU", "LayerNorm", "WindowAttention", "Attention", "PatchMerging")
+PROJECTIONS = "Linear in WindowAttention"  # the window attention's qkv and output projections
+PROPER = "window attention proper forward+backward"
 
 
 class _Stamp(torch.autograd.Function):
@@ -60,10 +66,14 @@ def instrument(model: torch.nn.Module, kinds: tuple[str, ...]) -> dict[tuple[str
         if key in begun:
             acc[(key[0], "backward")] += time.perf_counter() - begun.pop(key)
 
+    projections = {id(child) for mod in model.modules() if type(mod).__name__ == "WindowAttention"
+                   for child in mod.children() if type(child).__name__ == "Linear"}
     for mod in model.modules():
         kind = type(mod).__name__
         if kind not in kinds:
             continue
+        if id(mod) in projections:
+            kind = PROJECTIONS
         inner = mod.forward
 
         def forward(x, *a, _inner=inner, _key=(kind, id(mod)), **kw):
@@ -110,14 +120,25 @@ def measure(folder: Path, side: str, steps: int) -> dict:
 
     step()
     step()
-    phases, parts = [], collections.defaultdict(list)
+    parts = collections.defaultdict(list)
     for _ in range(steps):
         acc.clear()
-        phases.append(step())
+        phases = dict(zip(("forward", "backward", "AdamW"), step(), strict=True))
         for key, v in acc.items():
             parts[f"{key[0]} {key[1]}"].append(v)
-    out = {name: statistics.median(p[i] for p in phases) for i, name in enumerate(("forward", "backward", "AdamW"))}
-    out.update({k: statistics.median(v) for k, v in parts.items()})
+        for name, v in derived(phases, acc).items():
+            parts[name].append(v)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def derived(phases: dict[str, float], acc: dict[tuple[str, str], float]) -> dict[str, float]:
+    """One step's phases and the figures computed from its parts: every linear layer together,
+    and the window attention without its projections (the attention proper)."""
+    both = ("forward", "backward")
+    out = dict(phases)
+    out["step"] = sum(phases.values())
+    out["Linear (all) forward+backward"] = sum(acc.get((k, d), 0.0) for k in ("Linear", PROJECTIONS) for d in both)
+    out[PROPER] = sum(acc.get(("WindowAttention", d), 0.0) - acc.get((PROJECTIONS, d), 0.0) for d in both)
     return out
 
 
@@ -139,11 +160,14 @@ def main() -> None:
         res[side] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     print(f"machine: {machine()}")
     print(f"MixMIM-B pretraining, batch 4, 224 px, fp32; median of {args.steps} steps; wall seconds per step")
-    print(f"{'part':<28}{'ours':>9}{'original':>10}")
-    keys = ["forward", "backward", "AdamW"] + sorted(k for k in set(res["ours"]) | set(res["original"])
-                                                     if k not in ("forward", "backward", "AdamW"))
+    print(f"{'part':<42}{'ours':>9}{'original':>10}")
+    first = ["step", "forward", "backward", "AdamW"]
+    keys = first + sorted(k for k in set(res["ours"]) | set(res["original"]) if k not in first)
     for k in keys:
-        print(f"{k:<28}" + "".join(f"{res[s][k]:>9.3f}" if k in res[s] else f"{'-':>9}" for s in ("ours", "original")))
+        print(f"{k:<42}" + "".join(f"{res[s][k]:>9.3f}" if k in res[s] else f"{'-':>9}" for s in ("ours", "original")))
+    ours, theirs = res["ours"], res["original"]
+    print(f"speed-up {theirs['step'] / ours['step']:.3f}x; with our window attention proper at zero cost "
+          f"({ours['step']:.3f} - {ours[PROPER]:.3f} s): at most {theirs['step'] / (ours['step'] - ours[PROPER]):.3f}x")
 
 
 if __name__ == "__main__":

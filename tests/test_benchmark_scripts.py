@@ -1,0 +1,72 @@
+"""What the benchmark scripts compute besides timings (no timing is asserted):
+step_breakdown.py's bookkeeping, which modules it times under which kind and the figures it
+derives from one step's parts; whole_window_attention.py's candidate, against the plain
+formulation."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmim.models import build_pretrainer
+
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+step_breakdown = _load("step_breakdown")
+whole_window = _load("whole_window_attention")
+
+
+def test_derived_takes_the_projections_out_of_the_window_attention():
+    acc = {("WindowAttention", "forward"): 0.5, ("WindowAttention", "backward"): 1.0,
+           (step_breakdown.PROJECTIONS, "forward"): 0.2, (step_breakdown.PROJECTIONS, "backward"): 0.4,
+           ("Linear", "forward"): 1.5, ("Linear", "backward"): 3.0}
+    out = step_breakdown.derived({"forward": 2.0, "backward": 4.0, "AdamW": 0.5}, acc)
+    assert out["step"] == pytest.approx(6.5)
+    assert out[step_breakdown.PROPER] == pytest.approx(0.9)
+    assert out["Linear (all) forward+backward"] == pytest.approx(5.1)
+
+
+def test_instrument_counts_the_attention_projections_apart():
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    acc = step_breakdown.instrument(model, step_breakdown.KINDS)
+    model(torch.randn(2, 3, 64, 64)).loss.backward()
+    kinds = {k for k, _ in acc}
+    assert {"WindowAttention", "Linear", step_breakdown.PROJECTIONS} <= kinds
+    assert all(v >= 0 for v in acc.values())
+    timed_as = {id(m): m.forward.__kwdefaults__["_key"][0] for m in model.modules() if "forward" in vars(m)}
+    attns = [m for m in model.modules() if type(m).__name__ == "WindowAttention"]
+    projections = {id(m.qkv) for m in attns} | {id(m.proj) for m in attns}
+    assert attns and {i for i, k in timed_as.items() if k == step_breakdown.PROJECTIONS} == projections
+    assert acc[(step_breakdown.PROJECTIONS, "forward")] < acc[("WindowAttention", "forward")]
+
+
+@pytest.mark.parametrize("grid,width,heads", [(28, 64, 2), (14, 32, 4)])
+def test_whole_window_candidate_matches_the_plain_formulation(grid, width, heads):
+    err = whole_window.parity(grid, width, heads)
+    assert set(err) == {"out", "dqkv", "dtable"}
+    assert all(e < 1e-10 for e in err.values()), err
+
+
+def test_whole_window_candidate_is_switched_in_and_out():
+    from mixmim.models import encoder, layers
+
+    whole_window.use_candidate(True)
+    try:
+        groups = torch.tensor([[0.0, 1.0] * 98])
+        plan = encoder.attention_plan((14, 14), (7, 7), groups)
+        assert plan.segments is None and plan.group_bias is not None
+    finally:
+        whole_window.use_candidate(False)
+    assert encoder.attention_plan is layers.attention_plan
+    assert layers.attention_plan((14, 14), (7, 7), groups).segments is not None
