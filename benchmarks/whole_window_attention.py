@@ -2,18 +2,21 @@
 
 On the CPU the model splits every window by mixing group and attends within each
 (window, group) segment (``layers._SegmentAttention``): no masked score is computed, but it
-takes a dozen small operations per segment, about a hundred segments per block in stage 1
-of MixMIM-B. The candidate here does what other devices do (whole windows, a -inf bias
-across groups, twice the score FLOPs in the mixed windows) in one autograd node with a
-handful of batched operations: q scaled once, one ``bmm`` for all windows' scores, bias added
-and softmax taken in place, the relative-position gradient gathered by one ``index_add_``.
+takes a dozen small operations per segment (up to 32 segments per block in stage 1 of
+MixMIM-B, 16 windows of 196 tokens). The candidate here does what other devices do (whole
+windows, a -inf bias across groups; in a window mixed half and half, twice the score FLOPs of
+its two segments) in one autograd node with a handful of batched operations: q scaled once,
+one ``bmm`` for all windows' scores, bias added and softmax taken in place, the
+relative-position gradient gathered by one ``index_add_``.
 
 The script (1) checks the candidate against the plain formulation in fp64, forward and
-backward, on the shapes of MixMIM-B's four stages, (2) times the attention alone, segments
-against the candidate, per block, and (3) times whole MixMIM-B pretraining steps (batch 4,
-224 px, fp32) with the model's segments and with the candidate, alternating in one process,
-each timed step after an untimed one of the same variant, with a 95% bootstrap interval of
-the median per-round ratio (segments time / candidate time: above 1, the candidate is faster).
+backward, on the shapes of MixMIM-B's four stages; (2) times the attention alone, segments
+against the candidate, per block (the one window of stages 3 and 4 covers the whole map and
+the model splits it by group on every device, so there the two run the same code); (3) times
+whole MixMIM-B pretraining steps (batch 4, 224 px, fp32) with the model's segments and with
+the candidate, alternating in one process, each timed step after an untimed one of the same
+variant, with a 95% bootstrap interval of the median per-round ratio (segments time /
+candidate time: above 1, the candidate is faster).
 
     python benchmarks/whole_window_attention.py --rounds 10
 """
@@ -35,11 +38,21 @@ from vs_original import bootstrap_median_ci, machine, make_step  # noqa: E402  (
 
 from mixmim.models import build_pretrainer, encoder, layers  # noqa: E402
 from mixmim.models.masking import random_mask  # noqa: E402
+from mixmim.models.registry import MODEL_SIZES  # noqa: E402
 
 SOFTMAX_OUT = torch.ops.aten._softmax.out
 SOFTMAX_BACKWARD_OUT = torch.ops.aten._softmax_backward_data.out
-# (grid, width, heads, blocks) of MixMIM-B's stages at 224 px; windows of 7 x 7 tokens
-STAGES = ((56, 128, 4, 2), (28, 256, 8, 2), (14, 512, 16, 18), (7, 1024, 32, 2))
+MASK_CELLS = 7  # the mixing mask's grid at 224 px (stride 32)
+
+
+def stages(name: str = "mixmim_base") -> list[tuple[int, int, int, int, int]]:
+    """(grid, window, width, heads, blocks) of each stage of a registered size."""
+    size = MODEL_SIZES[name]
+    out = []
+    for i, (depth, heads, window) in enumerate(zip(size.depths, size.num_heads, size.window_size, strict=True)):
+        grid = size.img_size // size.patch_size // 2**i
+        out.append((grid, min(window, grid), size.embed_dim * 2**i, heads, depth))
+    return out
 
 
 class WholeWindowAttention(torch.autograd.Function):
@@ -107,31 +120,40 @@ def plain_attention(attn: layers.WindowAttention, qkv: Tensor, plan: layers.Atte
     return attn._attend(qkv, bias, plan.num_windows)
 
 
-def stage_inputs(grid: int, width: int, heads: int, dtype: torch.dtype, seed: int = 0):
-    """A window attention of one stage, its two plans (segments, whole windows) for a random
-    mixing mask at stride 32, and (qkv, output gradient) for a batch of 4."""
+def stage_inputs(grid: int, window: int, width: int, heads: int, dtype: torch.dtype, seed: int = 0):
+    """A window attention of one stage, a random mixing mask at stride 32 at this stage's
+    resolution (1, grid*grid), and (qkv, output gradient) for a batch of 4."""
     g = torch.Generator().manual_seed(seed)
-    attn = layers.WindowAttention(width, heads, (7, 7)).to(dtype)
+    attn = layers.WindowAttention(width, heads, (window, window)).to(dtype)
     with torch.no_grad():
         attn.rel_pos_table.normal_(0, 1, generator=g)
-    s = grid // 7
-    mask = random_mask((7, 7), 0.5, generator=g).view(1, 7, 7)
+    s = grid // MASK_CELLS
+    mask = random_mask((MASK_CELLS, MASK_CELLS), 0.5, generator=g).view(1, MASK_CELLS, MASK_CELLS)
     groups = mask.repeat_interleave(s, 1).repeat_interleave(s, 2).reshape(1, -1)
-    segments = layers.attention_plan((grid, grid), (7, 7), groups, dtype)
-    whole = layers.attention_plan((grid, grid), (7, 7), groups, dtype, split_windows=False)
     qkv = torch.randn(4, grid * grid, 3 * width, generator=g, dtype=dtype)
     grad = torch.randn(4, grid * grid, width, generator=g, dtype=dtype)
-    return attn, segments, whole, qkv, grad
+    return attn, groups, qkv, grad
 
 
-def parity(grid: int, width: int, heads: int) -> dict[str, float]:
-    """Largest |difference| between the candidate and the plain formulation in fp64."""
-    attn, _, whole, qkv, grad = stage_inputs(grid, width, heads, torch.float64)
+def whole_plan(grid: int, window: int, groups: Tensor, dtype: torch.dtype) -> layers.AttentionPlan:
+    """Whole windows with the -inf group bias, a window covering the whole map included (the
+    model splits that one by group on every device)."""
+    plan = layers.attention_plan((grid, grid), (window, window), groups, dtype, split_windows=False)
+    if plan.segments is not None:
+        plan = layers.AttentionPlan((window, window), 1, group_bias=layers.group_attention_bias(
+            groups, (grid, grid), (window, window), dtype))
+    return plan
+
+
+def parity(grid: int, window: int, width: int, heads: int) -> dict[str, float]:
+    """Largest |difference| between the candidate and the plain formulation in fp64, on whole windows."""
+    attn, groups, qkv, grad = stage_inputs(grid, window, width, heads, torch.float64)
+    plan = whole_plan(grid, window, groups, torch.float64)
     results = []
     for fn in (plain_attention, candidate_attention):
         x = qkv.clone().requires_grad_()
         attn.rel_pos_table.grad = None
-        out = fn(attn, x, whole)
+        out = fn(attn, x, plan)
         out.backward(grad)
         results.append((out.detach(), x.grad, attn.rel_pos_table.grad.clone()))
     (o1, gx1, gt1), (o2, gx2, gt2) = results
@@ -149,9 +171,11 @@ def _median_time(fn: Callable[[], object], reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def isolated(grid: int, width: int, heads: int) -> tuple[float, float]:
+def isolated(grid: int, window: int, width: int, heads: int) -> tuple[float, float]:
     """Seconds per block, forward and backward of the attention alone: segments, candidate."""
-    attn, segments, whole, qkv, grad = stage_inputs(grid, width, heads, torch.float32)
+    attn, groups, qkv, grad = stage_inputs(grid, window, width, heads, torch.float32)
+    segments = layers.attention_plan((grid, grid), (window, window), groups, torch.float32)
+    whole = layers.attention_plan((grid, grid), (window, window), groups, torch.float32, split_windows=False)
     x = qkv.requires_grad_()
 
     def seg():
@@ -192,14 +216,14 @@ def main() -> None:
         raise ValueError(f"--rounds {args.rounds}; expected at least 2")
     print(f"machine: {machine()}")
     total = [0.0, 0.0]
-    for grid, width, heads, blocks in STAGES:
-        err = parity(grid, width, heads)
-        seg, cand = isolated(grid, width, heads)
+    for grid, window, width, heads, blocks in stages():
+        err = parity(grid, window, width, heads)
+        seg, cand = isolated(grid, window, width, heads)
         total[0] += blocks * seg
         total[1] += blocks * cand
-        print(f"stage grid {grid}: fp64 max |candidate - plain| " + ", ".join(f"{k} {v:.1e}" for k, v in err.items())
+        print(f"stage grid {grid}, window {window}: fp64 max |candidate - plain| " + ", ".join(f"{k} {v:.1e}" for k, v in err.items())
               + f"; attention alone per block: segments {seg * 1e3:.1f} ms, candidate {cand * 1e3:.1f} ms")
-    print(f"attention alone, all 24 blocks: segments {total[0]:.3f} s, candidate {total[1]:.3f} s per step")
+    print(f"attention alone, all {sum(st[-1] for st in stages())} blocks: segments {total[0]:.3f} s, candidate {total[1]:.3f} s per step")
 
     layers.WindowAttention.forward = _forward_with_candidate
     torch.manual_seed(0)

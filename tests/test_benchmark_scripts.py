@@ -51,9 +51,9 @@ def test_instrument_counts_the_attention_projections_apart():
     assert acc[(step_breakdown.PROJECTIONS, "forward")] < acc[("WindowAttention", "forward")]
 
 
-@pytest.mark.parametrize("grid,width,heads", [(28, 64, 2), (14, 32, 4)])
-def test_whole_window_candidate_matches_the_plain_formulation(grid, width, heads):
-    err = whole_window.parity(grid, width, heads)
+@pytest.mark.parametrize("grid,window,width,heads", [(28, 14, 64, 2), (14, 7, 32, 4), (7, 7, 64, 2)])
+def test_whole_window_candidate_matches_the_plain_formulation(grid, window, width, heads):
+    err = whole_window.parity(grid, window, width, heads)
     assert set(err) == {"out", "dqkv", "dtable"}
     assert all(e < 1e-10 for e in err.values()), err
 
@@ -70,3 +70,9 @@ def test_whole_window_candidate_is_switched_in_and_out():
         whole_window.use_candidate(False)
     assert encoder.attention_plan is layers.attention_plan
     assert layers.attention_plan((14, 14), (7, 7), groups).segments is not None
+
+
+def test_whole_window_stages_are_the_registered_architecture():
+    st = whole_window.stages("mixmim_base")
+    assert [(g, w) for g, w, *_ in st] == [(56, 14), (28, 14), (14, 14), (7, 7)]
+    assert sum(blocks for *_, blocks in st) == 24
