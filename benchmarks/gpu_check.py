@@ -20,7 +20,8 @@ multiply-add = 2 FLOPs) x 3 (forward + backward) x images/s / the GPU's dense bf
 
 Without CUDA it runs what a CPU can: parity of the CPU backends (math and the fused CPU
 kernel, against fp64) and the FLOP accounting, and says so. ``--out FILE`` writes every
-figure as JSON (written to a temporary name, then renamed).
+figure as JSON (written to a temporary name, then renamed), again after each part, so that a
+run stopped by a time limit keeps the parts it finished.
 """
 
 from __future__ import annotations
@@ -295,12 +296,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         raise ValueError(f"--parts names {unknown}; expected a subset of parity, pretrain, finetune, ddp")
     cuda = torch.cuda.is_available()
     report: dict[str, object] = {"torch": torch.__version__, "cuda": cuda}
+
+    def save() -> None:
+        """Write what has been measured so far: a run stopped by a time limit keeps its finished parts."""
+        if args.out:
+            write_json(args.out, report)
     if not cuda:
         print("no CUDA device: running the CPU parts only (CPU backend parity, FLOP accounting); "
               "no GPU figures are produced", flush=True)
         report["parity"] = parity_rows("cpu")
         for row in report["parity"]:
             print(json.dumps(row), flush=True)
+        save()
         model = build_pretrainer("mixmim_tiny")
         report["flops_tiny_pretrain_fwd_per_image"] = forward_flops_per_image(model, 64, "pretrain")
         print(f"mixmim_tiny pretraining forward: {report['flops_tiny_pretrain_fwd_per_image'] / 1e9:.3f} GFLOP/image")
@@ -311,10 +318,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                       devices=torch.cuda.device_count())
         print(f"{name} x{torch.cuda.device_count()}, torch {torch.__version__}, "
               f"bf16 peak {peak / 1e12 if peak else 'unknown (pass --peak-tflops)'} TFLOP/s", flush=True)
+        save()
         if "parity" in parts:
             report["parity"] = parity_rows("cuda")
             for row in report["parity"]:
                 print(json.dumps(row), flush=True)
+            save()
         for kind in ("pretrain", "finetune"):
             if kind not in parts:
                 continue
@@ -326,13 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 except Exception as err:  # report and go on with the other parts
                     rows.append({"kind": kind, "compile": compiled, "error": f"{type(err).__name__}: {err}"[:500]})
                 print(json.dumps(rows[-1]), flush=True)
+                report[kind] = rows
+                save()
                 torch.cuda.empty_cache()
-            report[kind] = rows
         if "ddp" in parts:
             report["ddp"] = run_ddp(args.model, min(args.batch, 64), args.img_size, 5)
             print(json.dumps(report["ddp"]), flush=True)
-    if args.out:
-        write_json(args.out, report)
+    save()
     return report
 
 

@@ -93,6 +93,18 @@ def test_cpu_run_writes_its_report(tmp_path):
     assert not list(tmp_path.glob(".gpu_check.json.*"))  # no temporary left behind
 
 
+def test_report_keeps_the_finished_parts_when_a_later_one_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("stopped after the parity part")
+
+    monkeypatch.setattr(gpu_check, "forward_flops_per_image", broken)
+    out = tmp_path / "gpu_check.json"
+    with pytest.raises(RuntimeError, match="stopped"):
+        gpu_check.main(["--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(saved["parity"]) == 4 and "flops_tiny_pretrain_fwd_per_image" not in saved
+
+
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="bogus"):
         gpu_check.main(["--parts", "parity,bogus"])
