@@ -5,6 +5,7 @@ formulation."""
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 from pathlib import Path
 
@@ -76,3 +77,25 @@ def test_whole_window_stages_are_the_registered_architecture():
     st = whole_window.stages("mixmim_base")
     assert [(g, w) for g, w, *_ in st] == [(56, 14), (28, 14), (14, 14), (7, 7)]
     assert sum(blocks for *_, blocks in st) == 24
+
+
+def test_segment_node_timing_keeps_the_results(monkeypatch):
+    from mixmim.models import layers
+
+    monkeypatch.setattr(layers, "_SegmentAttention", layers._SegmentAttention)  # restored afterwards
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    plain = model(x).loss
+    plain.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    acc = collections.defaultdict(float)
+    step_breakdown.time_segment_node(acc)
+    torch.manual_seed(1)
+    timed = model(x).loss
+    timed.backward()
+    assert torch.equal(plain, timed)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+    assert acc[(step_breakdown.SEGMENTS, "forward")] > 0 and acc[(step_breakdown.SEGMENTS, "backward")] > 0
