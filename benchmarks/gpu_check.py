@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         """Write what has been measured so far: a run stopped by a time limit keeps its finished parts."""
         if args.out:
             write_json(args.out, report)
+
     if not cuda:
         print("no CUDA device: running the CPU parts only (CPU backend parity, FLOP accounting); "
               "no GPU figures are produced", flush=True)
