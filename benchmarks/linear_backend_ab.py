@@ -60,5 +60,6 @@ def main() -> None:
     print(f"median step: oneDNN {statistics.median(times['onednn']):.3f} s, BLAS {statistics.median(times['blas']):.3f} s; "
           f"oneDNN / BLAS (median of per-round ratios) {statistics.median(ratios):.3f}, 95% CI [{lo:.3f}, {hi:.3f}]")
 
+
 if __name__ == "__main__":
     main()

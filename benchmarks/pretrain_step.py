@@ -28,8 +28,9 @@ from mixmim.models import build_pretrainer, encoder
 from mixmim.models import layers
 
 
-def _whole_windows(grid, window, groups=None, dtype=torch.float32, split_windows=True):
-    """``layers.attention_plan`` with the windows never split by group."""
+def whole_window_plan(grid, window, groups=None, dtype=torch.float32, split_windows=True):
+    """``layers.attention_plan`` with the windows never split by group (a window covering the
+    whole map is still split, as on every device)."""
     return layers.attention_plan(grid, window, groups, dtype, split_windows=False)
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         layers.onednn_linear_applies = lambda x, w: False
         layers._explicit_attention_applies = lambda x, w: False
     elif args.ablation == "windows":
-        encoder.attention_plan = _whole_windows
+        encoder.attention_plan = whole_window_plan
     torch.manual_seed(0)
     device = torch.device(args.device)
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_original import bootstrap_median_ci, machine, make_step  # noqa: E402  (sibling benchmark script)
+from pretrain_step import whole_window_plan  # noqa: E402  (sibling benchmark scripts)
+from vs_original import bootstrap_median_ci, machine, make_step  # noqa: E402
 
 from mixmim.models import build_pretrainer, encoder, layers  # noqa: E402
 from mixmim.models.masking import random_mask  # noqa: E402
@@ -192,20 +193,16 @@ def isolated(grid: int, window: int, width: int, heads: int) -> tuple[float, flo
 
 def use_candidate(on: bool) -> None:
     """Switch the model's CPU training path between its segments and the candidate."""
-    if on:
-        encoder.attention_plan = lambda grid, window, groups=None, dtype=torch.float32, split_windows=True: \
-            layers.attention_plan(grid, window, groups, dtype, split_windows=False)
-    else:
-        encoder.attention_plan = layers.attention_plan
+    encoder.attention_plan = whole_window_plan if on else layers.attention_plan
+
+
+_MODEL_FORWARD = layers.WindowAttention.forward
 
 
 def _forward_with_candidate(self: layers.WindowAttention, x: Tensor, plan: layers.AttentionPlan) -> Tensor:
     if plan.segments is None and layers._explicit_attention_applies(x, self.rel_pos_table) and self.attn_drop == 0:
         return self.proj_drop(self.proj(candidate_attention(self, self.qkv(x), plan)))
     return _MODEL_FORWARD(self, x, plan)
-
-
-_MODEL_FORWARD = layers.WindowAttention.forward
 
 
 def main() -> None:
