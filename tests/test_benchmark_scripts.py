@@ -1,7 +1,7 @@
 """What the benchmark scripts compute besides timings (no timing is asserted):
 step_breakdown.py's bookkeeping, which modules it times under which kind and the figures it
 derives from one step's parts; whole_window_attention.py's candidate, against the plain
-formulation."""
+formulation; backward_variants_ab.py's variants, against the model's own backward."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def _load(name: str):
 
 step_breakdown = _load("step_breakdown")
 whole_window = _load("whole_window_attention")
+variants_ab = _load("backward_variants_ab")
 
 
 def test_derived_takes_the_projections_out_of_the_window_attention():
@@ -99,3 +100,60 @@ def test_segment_node_timing_keeps_the_results(monkeypatch):
     assert torch.equal(plain, timed)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
     assert acc[(step_breakdown.SEGMENTS, "forward")] > 0 and acc[(step_breakdown.SEGMENTS, "backward")] > 0
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Route every fp32 product of a small model through oneDNN, as MixMIM-B's are on AMD."""
+    from mixmim.models import layers
+
+    if layers._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "onednn")
+    monkeypatch.setattr(layers, "ONEDNN_MIN_MACS", 0)
+
+
+@pytest.mark.parametrize("name", sorted(variants_ab.VARIANTS))
+def test_backward_variants_compute_the_same_gradients(onednn_everywhere, name):
+    torch.manual_seed(0)
+    # big enough products that the two BLAS libraries round differently (at 64 px they agree)
+    model = build_pretrainer("mixmim_tiny", img_size=128)
+    x = torch.randn(8, 3, 128, 128)
+    diff = variants_ab.max_difference(name, model, x)
+    if name in variants_ab.BIT_IDENTICAL:
+        assert diff == 0.0
+    else:
+        assert 0.0 < diff < 1e-4  # another BLAS: rounding-level differences, so it did run
+
+
+def test_backward_variants_take_effect_and_are_undone(onednn_everywhere):
+    from mixmim.models import layers
+
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    original = layers._OneDNNMlp
+    with variants_ab.variant("gelu-recompute"):
+        loss = model(x).loss
+        seen, todo = {}, [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and id(node) not in seen:
+                seen[id(node)] = type(node).__name__
+                todo += [n for n, _ in node.next_functions]
+        names = set(seen.values())
+    assert "_RecomputeGeluMlpBackward" in names and "_OneDNNMlpBackward" not in names
+    assert layers._OneDNNMlp is original
+    with pytest.raises(ValueError, match="expected one of"):
+        with variants_ab.variant("no-such-variant"):
+            pass
+
+
+def test_ab_alternates_and_times_each_side_under_its_own_code():
+    from mixmim.models import layers
+
+    seen = []
+    res = variants_ab.ab("mkl-weight-grad", 3, lambda: seen.append(layers._weight_grad is variants_ab._mkl_weight_grad))
+    assert [len(v) for v in res["times"].values()] == [3, 3]
+    # two steps (untimed, timed) per side per round, order alternating: current first in round 0
+    assert seen == [False, False, True, True, True, True, False, False, False, False, True, True]

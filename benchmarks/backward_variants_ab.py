@@ -1,0 +1,193 @@
+"""Steady-state A/B, in one process, of variants of the oneDNN linear backward (AMD route).
+
+On the AMD development machine a profiled step shows its largest ``aten::copy_`` calls inside
+the weight gradients of the linear layers: oneDNN's entry point makes the transposed output
+gradient contiguous before the product (fc1 of stage 3, (784, 2048) -> (2048, 784), 16 ms per
+call in the step against 0.8 ms alone, warm). That suggested three changes, each tried here
+against the code as it is, with the same model, weights and inputs:
+
+- ``mkl-weight-grad``: every weight gradient through the BLAS (MKL), which reads the
+  transposed operands in place (no copy). Not bit-identical (rounding-level differences).
+- ``copy-workspace``: the transposed copy goes into a buffer kept from call to call (one
+  per thread), so the copy never touches freshly mapped pages. Bit-identical.
+- ``gelu-recompute``: the MLP saves only the fc1 output and recomputes the GELU in its
+  backward, a quarter less activation memory per block and so fewer pages to fault in
+  again after glibc returns them. Bit-identical.
+
+Each round times one step of each side, order alternating, and every timed step follows an
+untimed step of the same side (as in ``vs_original.py --steady``); the figure is the median
+of per-round ratios (current / variant, above 1 means the variant is faster) with a 95%
+bootstrap interval. The variants only touch the oneDNN route, so the script refuses to run
+where the CPU backend is the BLAS (Intel CPUs unless ``MIXMIM_CPU_LINEAR=onednn``).
+
+    python benchmarks/backward_variants_ab.py --variant copy-workspace --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mixmim.models import build_pretrainer
+from mixmim.models import layers as L
+
+
+def _mkl_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return g2.t().mm(x2)
+
+
+_workspace = threading.local()
+
+
+def _workspace_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    cin, cout = x2.shape[1], g2.shape[1]
+    if cin * cout < 128 * (cin + cout):  # the narrow layers keep the BLAS, as in the model
+        return g2.t().mm(x2)
+    n = g2.numel()
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != g2.dtype:
+        buf = _workspace.buf = torch.empty(n, dtype=g2.dtype)
+    g2t = buf[:n].view(cout, g2.shape[0]).copy_(g2.t())
+    return L._onednn_mm(g2t, x2.t())
+
+
+class _RecomputeGeluMlp(torch.autograd.Function):
+    """The model's ``_OneDNNMlp`` saving the fc1 output only; the GELU is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = L._onednn_mm(x2, w1, b1)
+        ctx.save_for_backward(x2, w1, h, w2)
+        ctx.x_shape = x.shape
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return L._onednn_mm(F.gelu(h), w2, b2).view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, w1, h, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        a = F.gelu(h)
+        ga, gw2, gb2 = L._onednn_linear_grads(grad.reshape(-1, grad.shape[-1]), a, w2, True, need[3],
+                                              ctx.has_bias[1] and need[4])
+        del a
+        gh = L._GELU_BACKWARD_INTO(ga, h, grad_input=ga)
+        gx, gw1, gb1 = L._onednn_linear_grads(gh, x2, w1, need[0], need[1], ctx.has_bias[0] and need[2])
+        return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2
+
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "mkl-weight-grad": {"_weight_grad": _mkl_weight_grad},
+    "copy-workspace": {"_weight_grad": _workspace_weight_grad},
+    "gelu-recompute": {"_OneDNNMlp": _RecomputeGeluMlp},
+}
+BIT_IDENTICAL = {"copy-workspace", "gelu-recompute"}
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Swap the named variant's functions into ``mixmim.models.layers`` for the duration."""
+    if name not in VARIANTS:
+        raise ValueError(f"variant {name!r}; expected one of {sorted(VARIANTS)}")
+    saved = {k: getattr(L, k) for k in VARIANTS[name]}
+    for k, v in VARIANTS[name].items():
+        setattr(L, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(L, k, v)
+
+
+def gradients(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss and every parameter gradient of one pretraining step (seeded mask)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = model(x).loss
+    loss.backward()
+    out = {"loss": loss.detach().clone()}
+    out.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def max_difference(name: str, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference of loss and gradients between the current code and ``name``."""
+    ref = gradients(model, x)
+    with variant(name):
+        new = gradients(model, x)
+    assert ref.keys() == new.keys()
+    return max((ref[k] - new[k]).abs().max().item() for k in ref)
+
+
+def bootstrap_median_ci(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
+def ab(name: str, rounds: int, step: Callable[[], None]) -> dict[str, list[float]]:
+    """Per-round step seconds and minor faults of the current code ('current') and the variant."""
+    times: dict[str, list[float]] = {"current": [], name: []}
+    faults: dict[str, list[float]] = {"current": [], name: []}
+    for r in range(rounds):
+        for side in (("current", name) if r % 2 == 0 else (name, "current")):
+            with variant(name) if side == name else contextlib.nullcontext():
+                step()  # untimed: the timed step follows one of its own kind
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t = time.perf_counter()
+                step()
+                times[side].append(time.perf_counter() - t)
+                faults[side].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"times": times, "faults": faults}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--model", default="mixmim_base")
+    p.add_argument("--batch", type=int, default=4)
+    a = p.parse_args()
+    if L.CPU_LINEAR_BACKEND != "onednn":
+        raise SystemExit(f"the CPU linear backend here is {L.CPU_LINEAR_BACKEND!r}; these variants change the "
+                         "oneDNN route only (set MIXMIM_CPU_LINEAR=onednn to force it)")
+    torch.manual_seed(0)
+    x = torch.randn(a.batch, 3, 224, 224)
+    model = build_pretrainer(a.model)
+    diff = max_difference(a.variant, model, x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model(x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    res = ab(a.variant, a.rounds, step)
+    t, f = res["times"], res["faults"]
+    ratios = [c / v for c, v in zip(t["current"], t[a.variant], strict=True)]
+    lo, hi = bootstrap_median_ci(ratios)
+    print(f"{a.model}, batch {a.batch}, 224 px, fp32, {torch.get_num_threads()} threads, backend {L.CPU_LINEAR_BACKEND}")
+    print(f"variant {a.variant}: max |difference| of loss and gradients {diff:.3g}"
+          f" ({'bit-identical' if diff == 0 else 'not bit-identical'})")
+    print(f"step s (median of {a.rounds}): current {statistics.median(t['current']):.3f}, "
+          f"variant {statistics.median(t[a.variant]):.3f}; current / variant {statistics.median(ratios):.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}, n = {a.rounds} rounds)")
+    print(f"minor faults per step (median): current {statistics.median(f['current']):.0f}, "
+          f"variant {statistics.median(f[a.variant]):.0f}")
+
+
+if __name__ == "__main__":
+    main()
