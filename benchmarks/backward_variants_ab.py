@@ -1,10 +1,10 @@
 """Steady-state A/B, in one process, of variants of the oneDNN linear backward (AMD route).
 
-On the AMD development machine a profiled step shows its largest ``aten::copy_`` calls inside
-the weight gradients of the linear layers: oneDNN's entry point makes the transposed output
-gradient contiguous before the product (fc1 of stage 3, (784, 2048) -> (2048, 784), 16 ms per
-call in the step against 0.8 ms alone, warm). That suggested three changes, each tried here
-against the code as it is, with the same model, weights and inputs:
+On the AMD development machine a profiled step (``profile_step.py --only ours --shapes``) shows
+its largest operator after the products inside the weight gradients of the linear layers:
+oneDNN's entry point makes the transposed output gradient contiguous before the product (fc1 of
+stage 3, (784, 2048) -> (2048, 784); benchmarks/README.md has the figures). That suggested three
+changes, each tried here against the code as it is, with the same model, weights and inputs:
 
 - ``mkl-weight-grad``: every weight gradient through the BLAS (MKL), which reads the
   transposed operands in place (no copy). Not bit-identical (rounding-level differences).
