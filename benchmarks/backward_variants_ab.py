@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,10 @@ import torch.nn.functional as F
 from mixmim.models import build_pretrainer
 from mixmim.models import layers as L
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_original import bootstrap_median_ci  # noqa: E402  (sibling benchmark script)
+
+_MODEL_WEIGHT_GRAD = L._weight_grad  # the model's own, for the layers a variant leaves alone
 
 def _mkl_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return g2.t().mm(x2)
@@ -50,8 +55,8 @@ _workspace = threading.local()
 
 def _workspace_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     cin, cout = x2.shape[1], g2.shape[1]
-    if cin * cout < 128 * (cin + cout):  # the narrow layers keep the BLAS, as in the model
-        return g2.t().mm(x2)
+    if cin * cout < 128 * (cin + cout):  # the model's rule: narrow layers keep the BLAS
+        return _MODEL_WEIGHT_GRAD(g2, x2)
     n = g2.numel()
     buf = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < n or buf.dtype != g2.dtype:
@@ -130,13 +135,7 @@ def max_difference(name: str, model: torch.nn.Module, x: torch.Tensor) -> float:
     return max((ref[k] - new[k]).abs().max().item() for k in ref)
 
 
-def bootstrap_median_ci(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
-
-
-def ab(name: str, rounds: int, step: Callable[[], None]) -> dict[str, list[float]]:
+def ab(name: str, rounds: int, step: Callable[[], None]) -> dict[str, dict[str, list[float]]]:
     """Per-round step seconds and minor faults of the current code ('current') and the variant."""
     times: dict[str, list[float]] = {"current": [], name: []}
     faults: dict[str, list[float]] = {"current": [], name: []}
