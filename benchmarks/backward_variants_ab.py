@@ -3,7 +3,7 @@
 On the AMD development machine a profiled step (``profile_step.py --only ours --shapes``) shows
 its largest operator after the products inside the weight gradients of the linear layers:
 oneDNN's entry point makes the transposed output gradient contiguous before the product (fc1 of
-stage 3, (784, 2048) -> (2048, 784); benchmarks/README.md has the figures). That suggested three
+stage 3, (784, 2048) -> (2048, 784); benchmarks/README.md has the figures). That suggested four
 changes, each tried here against the code as it is, with the same model, weights and inputs:
 
 - ``mkl-weight-grad``: every weight gradient through the BLAS (MKL), which reads the
@@ -13,6 +13,13 @@ changes, each tried here against the code as it is, with the same model, weights
 - ``gelu-recompute``: the MLP saves only the fc1 output and recomputes the GELU in its
   backward, a quarter less activation memory per block and so fewer pages to fault in
   again after glibc returns them. Bit-identical.
+- ``blocked-transpose``: the transposed copy made in two passes (whole 64-channel runs first,
+  then each (tokens, 64) tile transposed), so that no pass strides through memory by a power
+  of two: the profiler put the (784, 2048) copy at 20 ms a call against 1.6 ms for the
+  (784, 1536) one. Bit-identical.
+
+``--copy-times`` instead times, by the wall clock inside ordinary steps, each weight gradient's
+transposed copy and its product, by shape (what the profiler's table could not be trusted for).
 
 Each round times one step of each side, order alternating, and every timed step follows an
 untimed step of the same side (as in ``vs_original.py --steady``); the figure is the median
@@ -65,6 +72,21 @@ def _workspace_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return L._onednn_mm(g2t, x2.t())
 
 
+def _two_stage_transpose(g2: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``g2.t().contiguous()`` in two copies: whole ``block``-channel runs first, then each
+    (tokens, block) tile transposed, so no copy strides through memory by a power of two."""
+    n, c = g2.shape
+    tiles = g2.view(n, c // block, block).transpose(0, 1).contiguous()
+    return tiles.transpose(1, 2).contiguous().view(c, n)
+
+
+def _blocked_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    cin, cout = x2.shape[1], g2.shape[1]
+    if cin * cout < 128 * (cin + cout) or cout % 64:
+        return _MODEL_WEIGHT_GRAD(g2, x2)
+    return L._onednn_mm(_two_stage_transpose(g2), x2.t())
+
+
 class _RecomputeGeluMlp(torch.autograd.Function):
     """The model's ``_OneDNNMlp`` saving the fc1 output only; the GELU is recomputed in backward."""
 
@@ -95,8 +117,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mkl-weight-grad": {"_weight_grad": _mkl_weight_grad},
     "copy-workspace": {"_weight_grad": _workspace_weight_grad},
     "gelu-recompute": {"_OneDNNMlp": _RecomputeGeluMlp},
+    "blocked-transpose": {"_weight_grad": _blocked_weight_grad},
 }
-BIT_IDENTICAL = {"copy-workspace", "gelu-recompute"}
+BIT_IDENTICAL = {"copy-workspace", "gelu-recompute", "blocked-transpose"}
 
 
 @contextlib.contextmanager
@@ -151,20 +174,54 @@ def ab(name: str, rounds: int, step: Callable[[], None]) -> dict[str, dict[str, 
     return {"times": times, "faults": faults}
 
 
+def copy_times(step: Callable[[], None], steps: int) -> dict[tuple[int, int], dict[str, float]]:
+    """Per weight-gradient shape (tokens, output channels) on the oneDNN route: calls, seconds of
+    the transposed copy and of the product, per step (means over ``steps`` steps). The model's
+    own ``_weight_grad`` is split in two timed halves that compute what it computes."""
+    acc: dict[tuple[int, int], dict[str, float]] = {}
+
+    def timed(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        cin, cout = x2.shape[1], g2.shape[1]
+        if cin * cout < 128 * (cin + cout):  # the model's rule: narrow layers keep the BLAS, no copy
+            return _MODEL_WEIGHT_GRAD(g2, x2)
+        t0 = time.perf_counter()
+        g2t = g2.t().contiguous()
+        t1 = time.perf_counter()
+        out = L._onednn_mm(g2t, x2.t())
+        t2 = time.perf_counter()
+        row = acc.setdefault(tuple(g2.shape), {"calls": 0.0, "copy": 0.0, "product": 0.0})
+        row["calls"] += 1
+        row["copy"] += t1 - t0
+        row["product"] += t2 - t1
+        return out
+
+    saved = L._weight_grad
+    L._weight_grad = timed
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        L._weight_grad = saved
+    return {k: {n: v / steps for n, v in row.items()} for k, row in acc.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--copy-times", action="store_true", help="time the weight gradients' transposed copies instead")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--model", default="mixmim_base")
     p.add_argument("--batch", type=int, default=4)
     a = p.parse_args()
+    if (a.variant is None) == (not a.copy_times):
+        p.error("give one of --variant NAME and --copy-times")
     if L.CPU_LINEAR_BACKEND != "onednn":
         raise SystemExit(f"the CPU linear backend here is {L.CPU_LINEAR_BACKEND!r}; these variants change the "
                          "oneDNN route only (set MIXMIM_CPU_LINEAR=onednn to force it)")
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 224, 224)
     model = build_pretrainer(a.model)
-    diff = max_difference(a.variant, model, x)
+    diff = max_difference(a.variant, model, x) if a.variant else 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -174,6 +231,18 @@ def main() -> None:
 
     step()
     step()
+    if a.copy_times:
+        rows = copy_times(step, a.rounds)
+        print(f"{a.model}, batch {a.batch}, 224 px, fp32, {torch.get_num_threads()} threads; weight gradients on "
+              f"the oneDNN route, wall ms per step (mean of {a.rounds} steps)")
+        print(f"{'output gradient (tokens, channels)':<36}{'calls':>6}{'copy':>9}{'product':>9}{'copy MB/ms':>12}")
+        for shape, row in sorted(rows.items(), key=lambda kv: -kv[1]["copy"]):
+            mb = shape[0] * shape[1] * 4 / 1e6 * row["calls"]
+            print(f"{str(shape):<36}{row['calls']:>6.0f}{row['copy'] * 1e3:>9.1f}{row['product'] * 1e3:>9.1f}"
+                  f"{mb / (row['copy'] * 1e3):>12.2f}")
+        print(f"all: copies {sum(r['copy'] for r in rows.values()) * 1e3:.1f} ms, products "
+              f"{sum(r['product'] for r in rows.values()) * 1e3:.1f} ms per step")
+        return
     res = ab(a.variant, a.rounds, step)
     t, f = res["times"], res["faults"]
     ratios = [c / v for c, v in zip(t["current"], t[a.variant], strict=True)]

@@ -1,7 +1,8 @@
 """What the benchmark scripts compute besides timings (no timing is asserted):
 step_breakdown.py's bookkeeping, which modules it times under which kind and the figures it
 derives from one step's parts; whole_window_attention.py's candidate, against the plain
-formulation; backward_variants_ab.py's variants, against the model's own backward."""
+formulation; backward_variants_ab.py's variants, against the model's own backward; step_floor.py's
+record of a step's matrix products, against torch's FLOP counter."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def _load(name: str):
 step_breakdown = _load("step_breakdown")
 whole_window = _load("whole_window_attention")
 variants_ab = _load("backward_variants_ab")
+step_floor = _load("step_floor")
 
 
 def test_derived_takes_the_projections_out_of_the_window_attention():
@@ -170,3 +172,64 @@ def test_ab_alternates_and_times_each_side_under_its_own_code():
     assert [len(v) for v in res["times"].values()] == [3, 3]
     # two steps (untimed, timed) per side per round, order alternating: current first in round 0
     assert seen == [False, False, True, True, True, True, False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("n, c", [(12, 128), (784, 512), (196, 1024), (33, 70)])
+def test_two_stage_transpose_is_the_transpose(n, c):
+    g = torch.randn(n, c)
+    if c % 64:
+        with pytest.raises(RuntimeError):
+            variants_ab._two_stage_transpose(g)
+        assert torch.equal(variants_ab._two_stage_transpose(g, block=c // 2 if c % 2 == 0 else c), g.t())
+    else:
+        out = variants_ab._two_stage_transpose(g)
+        assert out.is_contiguous() and torch.equal(out, g.t())
+
+
+def test_step_floor_records_the_products_the_flop_counter_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    products = step_floor.step_products(model, lambda m, x: m(x).loss, x)
+    assert all(p.grad is None for p in model.parameters())  # the recording leaves no gradients behind
+    torch.manual_seed(1)  # the same mixing mask, so the same segments
+    with FlopCounterMode(display=False) as fc:
+        model(x).loss.backward()
+    counted = fc.get_flop_counts()["Global"]
+    aten = torch.ops.aten
+    linear = sum(counted.get(op, 0) for op in (aten.mm, aten.addmm))
+    assert step_floor.flops(products, "linear") == linear > 0
+    assert step_floor.flops(products, "attention") == counted.get(aten.bmm, 0) > 0
+    assert step_floor.flops(products) == linear + counted[aten.bmm]
+    # forward, input and weight gradient of every linear layer: three products per layer
+    n_linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sum(c for (k, _), c in products.items() if k == "linear") >= 3 * n_linear - 1
+
+
+def test_step_floor_counts_each_product_by_its_calls():
+    products = collections.Counter({("linear", (4, 5, 6)): 3, ("attention", (2, 4, 5, 6)): 2, ("linear", (7, 8, 9)): 1})
+    timings = {("linear", (4, 5, 6)): 0.5, ("attention", (2, 4, 5, 6)): 0.25, ("linear", (7, 8, 9)): 2.0}
+    assert step_floor.products_seconds(products, timings) == {"linear": 3.5, "attention": 0.5}
+    assert step_floor.flops(products, "linear") == 2 * (3 * 120 + 504)
+    assert step_floor.flops(products, "attention") == 2 * 2 * 240
+
+
+def test_copy_times_splits_the_weight_gradient_without_changing_it(onednn_everywhere):
+    from mixmim.models import layers
+
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    ref = variants_ab.gradients(model, x)
+    grads = {}
+
+    def step():
+        grads.update(variants_ab.gradients(model, x))
+
+    rows = variants_ab.copy_times(step, 2)
+    assert all(torch.equal(ref[k], grads[k]) for k in ref)
+    assert layers._weight_grad is variants_ab._MODEL_WEIGHT_GRAD  # put back
+    assert rows and all(r["calls"] >= 1 and r["copy"] > 0 and r["product"] > 0 for r in rows.values())
