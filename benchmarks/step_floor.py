@@ -4,9 +4,9 @@ A step (forward, backward, AdamW; batch 4, 224 px, fp32) of this suite makes a f
 matrix products: the linear layers' forward, input-gradient and weight-gradient products, and
 the attention's batched products. The script records that list once (shapes and calls, under a
 ``TorchDispatchMode``, where the model takes its plain ``F.linear`` route), then times every
-distinct product alone in a loop, warm, by the library the model uses for it on this machine
-(oneDNN for large fp32 linear products on AMD, the BLAS otherwise; ``torch.bmm`` for the
-attention), and the AdamW step alone on the model's gradients. Their sum is the *floor*: what a
+distinct product alone in a loop, warm, by the library our model's forward takes for a product of
+that shape on this machine (oneDNN for large fp32 products on AMD, the BLAS otherwise;
+``torch.bmm`` for the attention), and the AdamW step alone on the model's gradients. Their sum is the *floor*: what a
 step computing these products would take with nothing else to do and every operand in cache.
 
 Beside it the script times whole steps, each after an untimed step of its own side (as
