@@ -160,7 +160,7 @@ def main() -> None:
 
     prods = {}
     for name, (model, loss_of) in sides.items():
-        torch.manual_seed(1)  # the same mixing mask for both sides' recorded step
+        torch.manual_seed(1)  # a fixed seed for the recorded step (our attention products follow the mask)
         prods[name] = step_products(model, loss_of, x)
     # a product both sides make is timed once, so that the same work gets the same time
     distinct = sorted(set().union(*prods.values()))

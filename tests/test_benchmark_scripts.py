@@ -180,7 +180,7 @@ def test_two_stage_transpose_is_the_transpose(n, c):
     if c % 64:
         with pytest.raises(RuntimeError):
             variants_ab._two_stage_transpose(g)
-        assert torch.equal(variants_ab._two_stage_transpose(g, block=c // 2 if c % 2 == 0 else c), g.t())
+        assert torch.equal(variants_ab._two_stage_transpose(g, block=c // 2), g.t())
     else:
         out = variants_ab._two_stage_transpose(g)
         assert out.is_contiguous() and torch.equal(out, g.t())
@@ -204,9 +204,9 @@ def test_step_floor_records_the_products_the_flop_counter_counts():
     assert step_floor.flops(products, "linear") == linear > 0
     assert step_floor.flops(products, "attention") == counted.get(aten.bmm, 0) > 0
     assert step_floor.flops(products) == linear + counted[aten.bmm]
-    # forward, input and weight gradient of every linear layer: three products per layer
+    # forward, input gradient and weight gradient of every linear layer (every input needs a gradient)
     n_linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert sum(c for (k, _), c in products.items() if k == "linear") >= 3 * n_linear - 1
+    assert sum(c for (k, _), c in products.items() if k == "linear") == 3 * n_linear
 
 
 def test_step_floor_counts_each_product_by_its_calls():
