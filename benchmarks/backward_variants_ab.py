@@ -53,6 +53,12 @@ from vs_original import bootstrap_median_ci  # noqa: E402  (sibling benchmark sc
 
 _MODEL_WEIGHT_GRAD = L._weight_grad  # the model's own, for the layers a variant leaves alone
 
+
+def _keeps_blas(g2: torch.Tensor, x2: torch.Tensor) -> bool:
+    """The model's rule in ``_weight_grad``: narrow layers take the BLAS product, without a copy."""
+    cin, cout = x2.shape[1], g2.shape[1]
+    return cin * cout < 128 * (cin + cout)
+
 def _mkl_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return g2.t().mm(x2)
 
@@ -61,10 +67,9 @@ _workspace = threading.local()
 
 
 def _workspace_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    cin, cout = x2.shape[1], g2.shape[1]
-    if cin * cout < 128 * (cin + cout):  # the model's rule: narrow layers keep the BLAS
+    if _keeps_blas(g2, x2):
         return _MODEL_WEIGHT_GRAD(g2, x2)
-    n = g2.numel()
+    cout, n = g2.shape[1], g2.numel()
     buf = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < n or buf.dtype != g2.dtype:
         buf = _workspace.buf = torch.empty(n, dtype=g2.dtype)
@@ -81,8 +86,7 @@ def _two_stage_transpose(g2: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def _blocked_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    cin, cout = x2.shape[1], g2.shape[1]
-    if cin * cout < 128 * (cin + cout) or cout % 64:
+    if _keeps_blas(g2, x2) or g2.shape[1] % 64:
         return _MODEL_WEIGHT_GRAD(g2, x2)
     return L._onednn_mm(_two_stage_transpose(g2), x2.t())
 
@@ -181,8 +185,7 @@ def copy_times(step: Callable[[], None], steps: int) -> dict[tuple[int, int], di
     acc: dict[tuple[int, int], dict[str, float]] = {}
 
     def timed(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        cin, cout = x2.shape[1], g2.shape[1]
-        if cin * cout < 128 * (cin + cout):  # the model's rule: narrow layers keep the BLAS, no copy
+        if _keeps_blas(g2, x2):
             return _MODEL_WEIGHT_GRAD(g2, x2)
         t0 = time.perf_counter()
         g2t = g2.t().contiguous()

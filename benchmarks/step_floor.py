@@ -39,7 +39,7 @@ from mixmim.models import build_pretrainer
 from mixmim.models import layers as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_original import bootstrap_median_ci, load_original, machine  # noqa: E402  (sibling benchmark script)
+from vs_original import bootstrap_median_ci, build_sides, load_original, machine, make_step  # noqa: E402
 
 _aten = torch.ops.aten
 #: product kind of each recorded ATen op
@@ -151,12 +151,10 @@ def main() -> None:
         raise SystemExit(f"--rounds {a.rounds}, --reps {a.reps}; expected at least 1 each")
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 224, 224)
-    sides: dict[str, tuple[torch.nn.Module, Callable]] = {
-        "ours": (build_pretrainer(a.model), lambda m, x: m(x).loss)}
     if a.original is not None:
-        original = load_original(a.original)
-        torch.manual_seed(0)
-        sides["original"] = (getattr(original, a.model)(norm_pix_loss=True), lambda m, x: m(x, mask_ratio=0.5)[0])
+        sides = build_sides(load_original(a.original), a.model)
+    else:
+        sides = {"ours": (build_pretrainer(a.model), lambda m, x: m(x).loss)}
 
     prods = {}
     for name, (model, loss_of) in sides.items():
@@ -169,18 +167,12 @@ def main() -> None:
     floors = {name: {**products_seconds(prods[name], timings), "AdamW": adamw[name]} for name in sides}
 
     steps: dict[str, list[float]] = {name: [] for name in sides}
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in sides.items()}
+    step_of = {name: make_step(m, loss_of, x, "fp32") for name, (m, loss_of) in sides.items()}
     order = list(sides)
     for r in range(a.rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            model, loss_of = sides[name]
-            for timed in (False, True):  # each timed step after an untimed one of its own side
-                t = time.perf_counter()
-                loss_of(model, x).backward()
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-                if timed:
-                    steps[name].append(time.perf_counter() - t)
+            step_of[name](record=False)  # each timed step after an untimed one of its own side
+            steps[name].append(step_of[name]())
 
     print(f"machine: {machine()}")
     print(f"{a.model}, batch {a.batch}, 224 px, fp32; steps: median of {a.rounds} (each after an untimed one of "
