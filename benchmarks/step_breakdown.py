@@ -15,7 +15,8 @@ weighted sum and their gradients) is the difference. From that the script prints
 original's step over ours with our attention proper taken out, i.e. the most that any change to
 our window attention alone could give against the original on this machine. On our side the
 segmented attention's autograd node is also timed from inside (``segment attention node``), a
-check that the stamps do not lend the attention time that belongs elsewhere.
+check that the stamps do not lend the attention time that belongs elsewhere, and that time is
+split into the node's matrix products, its softmax and the rest (copies, bias, table gradient).
 
     python benchmarks/step_breakdown.py /tmp/mixmim-original --steps 3
 """
@@ -39,6 +40,7 @@ from vs_original import load_original, machine  # noqa: E402  (sibling benchmark
 KINDS = ("Linear", "Mlp", "GELU", "LayerNorm", "WindowAttention", "Attention", "PatchMerging")
 PROJECTIONS = "Linear in WindowAttention"  # the window attention's qkv and output projections
 PROPER = "window attention proper forward+backward"
+SEGMENT_REST = "segment attention rest forward+backward"  # the node less its products and softmax
 
 
 class _Stamp(torch.autograd.Function):
@@ -93,26 +95,57 @@ def instrument(model: torch.nn.Module, kinds: tuple[str, ...]) -> dict[tuple[str
 
 
 SEGMENTS = "segment attention node"
+SEGMENT_PRODUCTS = "segment attention products"  # its batched matrix products (torch.bmm)
+SEGMENT_SOFTMAX = "segment attention softmax"  # the softmax and its gradient
 
 
 def time_segment_node(acc: dict[tuple[str, str], float]) -> None:
-    """Time our segmented attention's forward and backward from inside its autograd node."""
+    """Time our segmented attention's forward and backward from inside its autograd node, and
+    inside those, its matrix products and its softmax: the node looks up ``torch.bmm`` and the
+    layers module's softmax kernels when it calls them, so wrappers put there see exactly the
+    node's calls (other callers pass through uncounted). The rest of the node (q/k/v layout
+    copies, the bias gather and add, the table gradient, writing outputs and gradients into the
+    block's buffers) is the node's time less these two."""
     from mixmim.models import layers
 
     inner = layers._SegmentAttention
+    inside: list[str] = []  # the direction the node is running, while it runs
+
+    def counted(fn, kind: str):
+        def wrapper(*args, **kwargs):
+            if not inside:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            acc[(kind, inside[-1])] += time.perf_counter() - t
+            return out
+
+        return wrapper
+
+    torch.bmm = counted(torch.bmm, SEGMENT_PRODUCTS)
+    layers._SOFTMAX_OUT = counted(layers._SOFTMAX_OUT, SEGMENT_SOFTMAX)
+    layers._SOFTMAX_BACKWARD_OUT = counted(layers._SOFTMAX_BACKWARD_OUT, SEGMENT_SOFTMAX)
 
     class _TimedSegments(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
+            inside.append("forward")
             t = time.perf_counter()
-            out = inner.forward(ctx, *args)
+            try:
+                out = inner.forward(ctx, *args)
+            finally:
+                inside.pop()
             acc[(SEGMENTS, "forward")] += time.perf_counter() - t
             return out
 
         @staticmethod
         def backward(ctx, grad):
+            inside.append("backward")
             t = time.perf_counter()
-            grads = inner.backward(ctx, grad)
+            try:
+                grads = inner.backward(ctx, grad)
+            finally:
+                inside.pop()
             acc[(SEGMENTS, "backward")] += time.perf_counter() - t
             return grads
 
@@ -164,12 +197,16 @@ def measure(folder: Path, side: str, steps: int) -> dict:
 
 def derived(phases: dict[str, float], acc: dict[tuple[str, str], float]) -> dict[str, float]:
     """One step's phases and the figures computed from its parts: every linear layer together,
-    and the window attention without its projections (the attention proper)."""
+    the window attention without its projections (the attention proper) and, where the segmented
+    attention node was timed, that node without its products and softmax."""
     both = ("forward", "backward")
     out = dict(phases)
     out["step"] = sum(phases.values())
     out["Linear (all) forward+backward"] = sum(acc.get((k, d), 0.0) for k in ("Linear", PROJECTIONS) for d in both)
     out[PROPER] = sum(acc.get(("WindowAttention", d), 0.0) - acc.get((PROJECTIONS, d), 0.0) for d in both)
+    if any(k == SEGMENTS for k, _ in acc):
+        out[SEGMENT_REST] = sum(acc.get((SEGMENTS, d), 0.0) - acc.get((SEGMENT_PRODUCTS, d), 0.0)
+                                - acc.get((SEGMENT_SOFTMAX, d), 0.0) for d in both)
     return out
 
 

@@ -85,7 +85,9 @@ def test_whole_window_stages_are_the_registered_architecture():
 def test_segment_node_timing_keeps_the_results(monkeypatch):
     from mixmim.models import layers
 
-    monkeypatch.setattr(layers, "_SegmentAttention", layers._SegmentAttention)  # restored afterwards
+    for owner, name in ((layers, "_SegmentAttention"), (layers, "_SOFTMAX_OUT"),
+                        (layers, "_SOFTMAX_BACKWARD_OUT"), (torch, "bmm")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored afterwards
     torch.manual_seed(0)
     model = build_pretrainer("mixmim_tiny", img_size=64)
     x = torch.randn(2, 3, 64, 64)
@@ -101,7 +103,14 @@ def test_segment_node_timing_keeps_the_results(monkeypatch):
     timed.backward()
     assert torch.equal(plain, timed)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
-    assert acc[(step_breakdown.SEGMENTS, "forward")] > 0 and acc[(step_breakdown.SEGMENTS, "backward")] > 0
+    for d in ("forward", "backward"):
+        products, softmax = acc[(step_breakdown.SEGMENT_PRODUCTS, d)], acc[(step_breakdown.SEGMENT_SOFTMAX, d)]
+        assert 0 < products and 0 < softmax and products + softmax < acc[(step_breakdown.SEGMENTS, d)]
+    counted = dict(acc)
+    torch.bmm(torch.randn(2, 3, 4), torch.randn(2, 4, 5))  # outside the node: passes through uncounted
+    assert acc == counted
+    rest = step_breakdown.derived({"forward": 1.0}, acc)[step_breakdown.SEGMENT_REST]
+    assert 0 < rest < acc[(step_breakdown.SEGMENTS, "forward")] + acc[(step_breakdown.SEGMENTS, "backward")]
 
 
 @pytest.fixture

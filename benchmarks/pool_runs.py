@@ -1,0 +1,144 @@
+"""Pool the per-round times of several saved ``vs_original.py`` runs into one speed-up figure.
+
+A single 30-round run of ``vs_original.py --steady`` gives a 95% interval about 0.1 wide on this
+kind of machine, too wide to tell 1.31x from 1.29x. Runs of the same measurement on the same
+machine can be pooled round by round: each round is one paired comparison (one step of each
+side). This script reads the printed output of such runs (the files under ``benchmarks/logs/``
+are kept for that), checks that they measured the same thing (the same machine line, model,
+batch, size, precision, clock and protocol), and prints for each run and for all of them
+together the median per-round ratio (original step / ours) with a 95% bootstrap interval, as
+``vs_original.py`` does, how many rounds reached ``--threshold``, and a one-sided Wilcoxon
+signed-rank test of whether the ratio's median exceeds the threshold (on log ratios, so that a
+round twice as fast weighs as one twice as slow).
+
+    python benchmarks/pool_runs.py benchmarks/logs/amd-s10-steady-*.txt benchmarks/logs/amd-s11-steady-*.txt
+
+Pooling assumes the rounds of all runs come from one distribution: runs on a machine that was
+faster or slower on one day than on another can differ in their ratio too, so the per-run
+lines are printed beside the pooled one, and ``--by-session`` prints the pool of each session
+prefix apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_original import bootstrap_median_ci  # noqa: E402  (sibling benchmark script)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``vs_original.py`` run as printed: its settings lines and per-round step times."""
+
+    path: Path
+    machine: str
+    settings: str  # model, batch, size, precision, rounds, clock, protocol
+    ours: tuple[float, ...]
+    original: tuple[float, ...]
+
+    @property
+    def protocol(self) -> str:
+        """The settings without the round count, which runs may differ in and still be pooled."""
+        head, _, tail = self.settings.partition(" rounds")
+        return head.rsplit(",", 1)[0] + tail
+
+    @property
+    def ratios(self) -> list[float]:
+        return [o / u for o, u in zip(self.original, self.ours, strict=True)]
+
+
+def parse_run(path: Path) -> Run:
+    """The one ``vs_original.py`` run printed in ``path`` (other text in the file is ignored)."""
+    lines = path.read_text(errors="replace").splitlines()
+    machine = [ln for ln in lines if ln.startswith("machine: ")]
+    times = [ln for ln in lines if ln.startswith("step seconds: ")]
+    if len(machine) != 1 or len(times) != 1:
+        raise ValueError(f"{path}: expected the output of one vs_original.py run (one 'machine:' and one "
+                         f"'step seconds:' line), found {len(machine)} and {len(times)}")
+    at = lines.index(machine[0])
+    settings = lines[at + 1] if at + 1 < len(lines) else ""
+    if " rounds " not in settings:
+        raise ValueError(f"{path}: expected the settings line after 'machine:', found {settings!r}")
+    try:
+        per_side = ast.literal_eval(times[0].removeprefix("step seconds: "))
+        ours, original = tuple(map(float, per_side["ours"])), tuple(map(float, per_side["original"]))
+    except (ValueError, SyntaxError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable 'step seconds:' line ({err}); expected "
+                         "{'ours': [...], 'original': [...]}") from err
+    if not ours or len(ours) != len(original) or min(ours + original) <= 0:
+        raise ValueError(f"{path}: expected as many positive step times for each side, got {len(ours)} and "
+                         f"{len(original)}")
+    return Run(path, machine[0].removeprefix("machine: "), settings, ours, original)
+
+
+def check_poolable(runs: list[Run]) -> None:
+    """Refuse runs that measured different things (another machine, model, precision or protocol)."""
+    first = runs[0]
+    for run in runs[1:]:
+        for what, a, b in (("machine", first.machine, run.machine), ("settings", first.protocol, run.protocol)):
+            if a != b:
+                raise ValueError(f"{run.path} is not the same measurement as {first.path}: {what} {b!r}; "
+                                 f"expected {a!r}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median: float
+    ci: tuple[float, float]
+    at_or_above: int
+    p_above: float  # one-sided Wilcoxon signed-rank p that the median ratio exceeds the threshold
+
+
+def summarise(ratios: list[float], threshold: float) -> Summary:
+    from scipy.stats import wilcoxon  # noqa: PLC0415  (scipy only where a summary is made)
+
+    shifted = [math.log(r / threshold) for r in ratios]
+    p = float(wilcoxon(shifted, alternative="greater").pvalue) if any(shifted) else 1.0
+    return Summary(len(ratios), statistics.median(ratios), bootstrap_median_ci(ratios),
+                   sum(r >= threshold for r in ratios), p)
+
+
+def line(label: str, s: Summary, threshold: float) -> str:
+    return (f"{label}: {s.median:.3f}x (95% CI {s.ci[0]:.3f}-{s.ci[1]:.3f}, n = {s.n} rounds), "
+            f"{s.at_or_above} of {s.n} at or above {threshold}x; median > {threshold}x: Wilcoxon p = {s.p_above:.3g}")
+
+
+def session_of(path: Path) -> str:
+    """The file name up to its second '-' (``amd-s10-steady-1.txt`` -> ``amd-s10``)."""
+    return "-".join(path.name.split("-")[:2])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", type=Path, nargs="+", help="saved outputs of vs_original.py, one run each")
+    p.add_argument("--threshold", type=float, default=1.3)
+    p.add_argument("--by-session", action="store_true", help="also pool the runs of each file-name prefix apart")
+    args = p.parse_args()
+    if args.threshold <= 0:
+        raise ValueError(f"--threshold {args.threshold}; expected a positive speed-up")
+    runs = [parse_run(path) for path in args.logs]
+    check_poolable(runs)
+    print(f"machine: {runs[0].machine}")
+    print(f"settings: {runs[0].protocol}")
+    for run in runs:
+        print(line(run.path.name, summarise(run.ratios, args.threshold), args.threshold))
+    if args.by_session:
+        sessions: dict[str, list[float]] = {}
+        for run in runs:
+            sessions.setdefault(session_of(run.path), []).extend(run.ratios)
+        for name, ratios in sessions.items():
+            print(line(f"pooled {name}", summarise(ratios, args.threshold), args.threshold))
+    pooled = [r for run in runs for r in run.ratios]
+    print(line(f"pooled, {len(runs)} runs", summarise(pooled, args.threshold), args.threshold))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""benchmarks/pool_runs.py: reading saved vs_original.py outputs and pooling their rounds."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+pool_runs = _load("pool_runs")
+
+MACHINE = "machine: AMD EPYC (avx512f), 2 torch threads, default malloc settings"
+STEADY = ("mixmim_base, batch 4, 224 px, fp32, {n} rounds (+1 warm-up), wall time, each timed step after an "
+          "untimed one of the same side (--steady)")
+
+
+def _log(path: Path, ours: list[float], original: list[float], machine: str = MACHINE, settings: str = STEADY,
+         before: str = "") -> Path:
+    path.write_text(f"{before}{machine}\n{settings.format(n=len(ours))}\n"
+                    f"step seconds: {{'ours': {ours}, 'original': {original}}}\n"
+                    "images/s: ours 1.0, original 0.8; speed-up 1.25x\n")
+    return path
+
+
+def test_a_run_is_read_with_its_ratios_and_other_text_is_ignored(tmp_path):
+    run = pool_runs.parse_run(_log(tmp_path / "a.txt", [2.0, 4.0], [3.0, 5.0], before="Tue Dec 1\n{'ours': [9]}\n"))
+    assert run.ours == (2.0, 4.0) and run.original == (3.0, 5.0)
+    assert run.ratios == [1.5, 1.25]
+    assert run.protocol == STEADY.format(n=2).replace(", 2 rounds", "")
+
+
+def test_pooling_takes_every_round_of_every_run(tmp_path, capsys, monkeypatch):
+    a = _log(tmp_path / "x-s1-a.txt", [1.0, 1.0, 1.0], [1.2, 1.4, 1.5])
+    b = _log(tmp_path / "x-s2-b.txt", [2.0] * 5, [2.4, 2.5, 2.6, 2.8, 3.0])  # another round count pools too
+    monkeypatch.setattr("sys.argv", ["pool_runs.py", str(a), str(b), "--by-session"])
+    pool_runs.main()
+    out = capsys.readouterr().out.splitlines()
+    ratios = [1.2, 1.4, 1.5, 1.2, 1.25, 1.3, 1.4, 1.5]
+    last = out[-1]
+    assert last.startswith(f"pooled, 2 runs: {statistics.median(ratios):.3f}x")
+    assert "n = 8 rounds" in last and "5 of 8 at or above 1.3x" in last
+    assert any(ln.startswith("pooled x-s1: 1.400x") and "n = 3 rounds" in ln for ln in out)
+
+
+def test_summary_interval_holds_the_median_and_the_test_reads_the_threshold():
+    ratios = [1.35, 1.4, 1.32, 1.45, 1.38, 1.36, 1.41, 1.33, 1.39, 1.37]
+    high = pool_runs.summarise(ratios, 1.3)
+    assert high.ci[0] <= high.median <= high.ci[1]
+    assert high.at_or_above == 10 and high.p_above < 0.01  # every round above: resolved
+    low = pool_runs.summarise(ratios, 1.5)
+    assert low.at_or_above == 0 and low.p_above > 0.99
+    assert math.isclose(high.median, statistics.median(ratios))
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"machine": MACHINE.replace("default malloc settings", "GLIBC_TUNABLES=x")}, "machine"),
+    ({"settings": STEADY.replace("--steady", "interleaved")}, "settings"),
+    ({"settings": STEADY.replace("fp32", "bf16")}, "settings"),
+])
+def test_runs_that_measured_different_things_are_refused(tmp_path, change, what):
+    a = pool_runs.parse_run(_log(tmp_path / "a.txt", [1.0], [1.3]))
+    b = pool_runs.parse_run(_log(tmp_path / "b.txt", [1.0], [1.3], **change))
+    with pytest.raises(ValueError, match=f"b.txt is not the same measurement as .*a.txt: {what}"):
+        pool_runs.check_poolable([a, b])
+
+
+def test_a_file_without_one_run_is_refused_by_name(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("speedup 1.4x\n")
+    with pytest.raises(ValueError, match="empty.txt: expected the output of one vs_original.py run"):
+        pool_runs.parse_run(empty)
+    uneven = _log(tmp_path / "uneven.txt", [1.0, 2.0], [1.3])
+    with pytest.raises(ValueError, match="uneven.txt: expected as many positive step times"):
+        pool_runs.parse_run(uneven)
+
+
+def test_the_committed_steady_logs_are_one_poolable_measurement():
+    logs = sorted((BENCHMARKS / "logs").glob("amd-*-steady-*.txt"))
+    assert len(logs) >= 6
+    runs = [pool_runs.parse_run(p) for p in logs]
+    pool_runs.check_poolable(runs)
+    assert all(len(r.ours) >= 16 for r in runs)
