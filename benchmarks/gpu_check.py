@@ -10,7 +10,10 @@ On a CUDA machine, ``python benchmarks/gpu_check.py`` runs:
     raises (e.g. the memory-efficient kernel padding a bias whose last dimension is not a
     multiple of 8) are reported.
 (b) ``pretrain``: MixMIM-B pretraining steps (forward, backward, fused AdamW) in bf16
-    autocast, eager and ``torch.compile``: images/s, peak memory, MFU.
+    autocast, eager and ``torch.compile``: images/s, peak memory, MFU, from the median of the
+    timed steps (each timed alone, min and max beside it), and how many graphs were compiled
+    while they ran (a new mask every step changes the group segments' sizes, which can make a
+    compiled model compile again).
 (c) ``finetune``: the same for the classifier (cross-entropy on random labels).
 (d) ``ddp``: a short ``torchrun`` of DDP pretraining steps over NCCL on all visible GPUs.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,6 +171,13 @@ def peak_bf16_flops(device_name: str, override_tflops: float | None = None) -> f
 # --------------------------------------------------------------------------- #
 # (b, c) timed training steps
 # --------------------------------------------------------------------------- #
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has made in this process so far."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415  (dynamo only where steps are timed)
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def time_steps(kind: str, model_name: str, batch: int, img_size: int, compile_model: bool, steps: int,
                warmup: int, device: str = "cuda", peak: float | None = None) -> dict[str, object]:
     torch.manual_seed(0)
@@ -189,23 +200,30 @@ def time_steps(kind: str, model_name: str, batch: int, img_size: int, compile_mo
         opt.zero_grad(set_to_none=True)
         return loss
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     warm_s = time.perf_counter() - t0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    graphs_before = compiled_graphs()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         loss = step()
-    sync()
-    dt = (time.perf_counter() - t0) / steps
+        sync()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
     row = {"kind": kind, "model": model_name, "batch": batch, "img_size": img_size, "compile": compile_model,
            "steps": steps, "warmup_s": round(warm_s, 1), "s_per_step": round(dt, 4),
+           "s_per_step_min_max": [round(min(times), 4), round(max(times), 4)],
            "images_per_s": round(batch / dt, 1), "fwd_gflops_per_image": round(fwd_flops / 1e9, 2),
-           "loss": round(float(loss), 4)}
+           "fwd_flops_per_image": fwd_flops, "loss": round(loss.item(), 4),
+           # Graphs compiled during the timed steps: the masks change every step, and with them the sizes
+           # of the group segments, so a compiled model may compile again while it is being timed.
+           "graphs_compiled_while_timed": compiled_graphs() - graphs_before}
     if device == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if peak:

@@ -108,3 +108,21 @@ def test_report_keeps_the_finished_parts_when_a_later_one_fails(tmp_path, monkey
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="bogus"):
         gpu_check.main(["--parts", "parity,bogus"])
+
+
+def test_timed_steps_report_the_median_step_and_its_spread():
+    row = gpu_check.time_steps("pretrain", "mixmim_tiny", batch=2, img_size=64, compile_model=False, steps=3,
+                               warmup=1, device="cpu", peak=1e12)
+    low, high = row["s_per_step_min_max"]
+    assert low <= row["s_per_step"] <= high
+    assert row["images_per_s"] == pytest.approx(2 / row["s_per_step"], rel=1e-2)
+    assert row["mfu"] == pytest.approx(gpu_check.mfu(row["fwd_flops_per_image"], 2 / row["s_per_step"], 1e12),
+                                       abs=1e-4)  # the report rounds MFU to 4 places
+    assert row["graphs_compiled_while_timed"] == 0  # eager: nothing compiled
+    assert "peak_mem_gib" not in row  # a CUDA figure only
+
+
+def test_compiled_graphs_counts_what_torch_compile_makes():
+    before = gpu_check.compiled_graphs()
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert gpu_check.compiled_graphs() == before + 1
