@@ -7,7 +7,8 @@ side). This script reads the printed output of such runs (the files under ``benc
 are kept for that), checks that they measured the same thing (the same machine line, model,
 batch, size, precision, clock and protocol), and prints for each run and for all of them
 together the median per-round ratio (original step / ours) with a 95% bootstrap interval, as
-``vs_original.py`` does, how many rounds reached ``--threshold``, and a one-sided Wilcoxon
+``vs_original.py`` does (with each run's median step times, which show how fast the machine was),
+how many rounds reached ``--threshold``, and a one-sided Wilcoxon
 signed-rank test of whether the ratio's median exceeds the threshold (on log ratios, so that a
 round twice as fast weighs as one twice as slow).
 
@@ -129,7 +130,8 @@ def main() -> None:
     print(f"machine: {runs[0].machine}")
     print(f"settings: {runs[0].protocol}")
     for run in runs:
-        print(line(run.path.name, summarise(run.ratios, args.threshold), args.threshold))
+        print(line(run.path.name, summarise(run.ratios, args.threshold), args.threshold)
+              + f"; median step: ours {statistics.median(run.ours):.2f} s, original {statistics.median(run.original):.2f} s")
     if args.by_session:
         sessions: dict[str, list[float]] = {}
         for run in runs:

@@ -54,6 +54,7 @@ def test_pooling_takes_every_round_of_every_run(tmp_path, capsys, monkeypatch):
     assert last.startswith(f"pooled, 2 runs: {statistics.median(ratios):.3f}x")
     assert "n = 8 rounds" in last and "5 of 8 at or above 1.3x" in last
     assert any(ln.startswith("pooled x-s1: 1.400x") and "n = 3 rounds" in ln for ln in out)
+    assert any(ln.startswith("x-s2-b.txt: 1.300x") and ln.endswith("ours 2.00 s, original 2.60 s") for ln in out)
 
 
 def test_summary_interval_holds_the_median_and_the_test_reads_the_threshold():
