@@ -59,6 +59,7 @@ def _keeps_blas(g2: torch.Tensor, x2: torch.Tensor) -> bool:
     cin, cout = x2.shape[1], g2.shape[1]
     return cin * cout < 128 * (cin + cout)
 
+
 def _mkl_weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return g2.t().mm(x2)
 

@@ -105,7 +105,8 @@ def time_segment_node(acc: dict[tuple[str, str], float]) -> None:
     layers module's softmax kernels when it calls them, so wrappers put there see exactly the
     node's calls (other callers pass through uncounted). The rest of the node (q/k/v layout
     copies, the bias gather and add, the table gradient, writing outputs and gradients into the
-    block's buffers) is the node's time less these two."""
+    block's buffers) is the node's time less these two. The wrappers stay in place for the rest
+    of the process, which ``measure`` runs one side in."""
     from mixmim.models import layers
 
     inner = layers._SegmentAttention
