@@ -21,12 +21,18 @@ side that allocates more large temporaries pays more faults, and how many depend
 process's allocation history: interleaved, a side's step that follows the other side's step
 finds the heap as the other side left it. ``--steady`` runs one untimed step of the same side
 before every timed one, so each timed step follows its own kind, as every step does in
-training. Pinning the thresholds removes the faults for both sides:
+training. ``--processes`` goes one step further: every round runs each side in a fresh
+process of its own (``--warmup`` untimed steps, then ``--steps`` timed ones; the round's figure
+is that process's median step), the two sides' processes alternating in order from round to
+round. That is how training runs, one implementation per process, with nothing of the other
+side in its heap or caches; it also gives each side's peak resident memory once per round.
+Pinning the thresholds removes the faults for both sides:
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \
         python benchmarks/vs_original.py /tmp/mixmim-original --rounds 20
 
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 6 --precision fp32 --memory
+    python benchmarks/vs_original.py /tmp/mixmim-original --rounds 12 --processes --warmup 2 --steps 5
 """
 
 from __future__ import annotations
@@ -63,14 +69,24 @@ def load_original(folder: Path):
     return models_mixmim
 
 
-def build_sides(original, name: str):
+SIDES = ("ours", "original")
+
+
+def build_sides(original, name: str, which: tuple[str, ...] = SIDES):
+    """Each side in ``which`` as (model, loss of model and images), each built right after ``manual_seed(0)``.
+
+    A process that times one side builds only that side, so the other's parameters never pass
+    through its heap."""
     from mixmim.models import build_pretrainer
 
-    torch.manual_seed(0)
-    ours = build_pretrainer(name)
-    torch.manual_seed(0)
-    theirs = getattr(original, name)(norm_pix_loss=True)
-    return {"ours": (ours, lambda m, x: m(x).loss), "original": (theirs, lambda m, x: m(x, mask_ratio=0.5)[0])}
+    build = {"ours": (lambda: build_pretrainer(name), lambda m, x: m(x).loss),
+             "original": (lambda: getattr(original, name)(norm_pix_loss=True), lambda m, x: m(x, mask_ratio=0.5)[0])}
+    sides = {}
+    for side in which:
+        make, loss_of = build[side]
+        torch.manual_seed(0)
+        sides[side] = (make(), loss_of)
+    return sides
 
 
 def minor_faults() -> int:
@@ -136,12 +152,38 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_alone(folder: Path, side: str, args, warmup: int, steps: int) -> dict:
+    """One side in a fresh process: ``warmup`` untimed steps, then ``steps`` timed ones.
+
+    Returns what the child printed: its timed step seconds, minor faults per timed step and peak RSS (MiB)."""
+    cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
+           "--img-size", str(args.img_size), "--precision", args.precision, "--only", side,
+           "--warmup", str(warmup), "--steps", str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"the {side} process exited with {done.returncode}; its last output:\n"
+                           + (done.stdout + done.stderr)[-2000:])
+    return json.loads(lines[-1])
+
+
 def peak_memory_alone(folder: Path, side: str, args) -> float:
     """Peak RSS (MiB) of a fresh process running two steps of one side."""
-    cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
-           "--img-size", str(args.img_size), "--precision", args.precision, "--only", side]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return run_alone(folder, side, args, warmup=1, steps=1)["peak_rss_mib"]
+
+
+def process_round_order(r: int) -> tuple[str, str]:
+    """Which side's process runs first in round ``r``: ours in even rounds, the original in odd ones."""
+    return SIDES if r % 2 == 0 else SIDES[::-1]
+
+
+def rounds_in_processes(run_side, rounds: int) -> dict[str, list[dict]]:
+    """``rounds`` rounds of one fresh process per side, ``run_side(side) -> child's report``, in alternating order."""
+    out: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for r in range(rounds):
+        for side in process_round_order(r):
+            out[side].append(run_side(side))
+    return out
 
 
 def main() -> None:
@@ -159,22 +201,29 @@ def main() -> None:
     parser.add_argument("--steady", action="store_true",
                         help="before each timed step run one untimed step of the same side, so that every "
                              "timed step follows one of its own, as in training, and not one of the other side")
-    parser.add_argument("--only", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--processes", action="store_true",
+                        help="each round, run each side in a fresh process of its own (--warmup untimed, then "
+                             "--steps timed steps; the round's figure is the process's median step)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (--processes)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (--processes)")
+    parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rounds < 1 or args.batch < 1:
-        raise ValueError(f"--rounds {args.rounds} --batch {args.batch}; expected positive counts")
+    if args.rounds < 1 or args.batch < 1 or args.warmup < 0 or args.steps < 1:
+        raise ValueError(f"--rounds {args.rounds} --batch {args.batch} --warmup {args.warmup} --steps {args.steps}; "
+                         "expected positive counts (--warmup may be 0)")
+    if args.processes and (args.steady or args.cpu_time or args.memory):
+        raise ValueError("--processes is a protocol of its own: it cannot be combined with --steady, --cpu-time "
+                         "or --memory (it reports each side's peak RSS itself)")
     original = load_original(args.original)
+    if args.only:
+        main_alone(original, args)
+        return
+    if args.processes:
+        main_processes(args)
+        return
     sides = build_sides(original, args.model)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    if args.only:
-        model, loss_of = sides[args.only]
-        del sides
-        step = make_step(model, loss_of, x, args.precision)
-        step()
-        step()
-        print(json.dumps({"side": args.only, "peak_rss_mib": peak_rss_mib()}))
-        return
     clock = time.process_time if args.cpu_time else time.perf_counter
     faults: dict[str, list[int]] = {k: [] for k in sides}
     steps = {k: make_step(m, f, x, args.precision, clock, faults[k]) for k, (m, f) in sides.items()}
@@ -218,6 +267,54 @@ def main() -> None:
         mem = {side: peak_memory_alone(args.original, side, args) for side in ("ours", "original")}
         print(f"peak RSS alone (2 steps): ours {mem['ours']:.0f} MiB, original {mem['original']:.0f} MiB, "
               f"ratio {mem['ours'] / mem['original']:.3f}")
+
+
+def main_alone(original, args) -> None:
+    """The child of ``--processes`` and ``--memory``: one side only, its timed steps and peak RSS as JSON."""
+    (model, loss_of), = build_sides(original, args.model, (args.only,)).values()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    faults: list[int] = []
+    step = make_step(model, loss_of, x, args.precision, faults=faults)
+    for _ in range(args.warmup):
+        step(record=False)
+    times = [step() for _ in range(args.steps)]
+    print(json.dumps({"side": args.only, "step_s": times, "faults": faults, "peak_rss_mib": peak_rss_mib()}))
+
+
+def main_processes(args) -> None:
+    reports = rounds_in_processes(lambda side: run_alone(args.original, side, args, args.warmup, args.steps),
+                                  args.rounds)
+    times = {side: [statistics.median(rep["step_s"]) for rep in reps] for side, reps in reports.items()}
+    ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
+    lo, hi = bootstrap_median_ci(ratios)
+    print(f"machine: {machine()}")
+    print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds "
+          f"(each side a fresh process per round: {args.warmup} untimed + {args.steps} timed steps), wall time, "
+          "the round's figure the process's median step (--processes)")
+    print("step seconds:", {k: [round(t, 3) for t in v] for k, v in times.items()})
+    print("timed steps of each process:", {k: [[round(t, 2) for t in rep["step_s"]] for rep in reps]
+                                           for k, reps in reports.items()})
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
+          f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
+    page = resource.getpagesize()
+    faults = {k: statistics.median(f for rep in reps for f in rep["faults"]) for k, reps in reports.items()}
+    print("minor page faults per step (median): "
+          + ", ".join(f"{k} {v:.0f} ({v * page / 2**20:.0f} MiB)" for k, v in faults.items()))
+    rss = {k: [rep["peak_rss_mib"] for rep in reps] for k, reps in reports.items()}
+    rss_ratio = [u / o for u, o in zip(rss["ours"], rss["original"], strict=True)]
+    print("peak RSS per process, MiB: " + ", ".join(f"{k} median {statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"
+                                                     for k, v in rss.items())
+          + f"; ours / original {statistics.median(rss_ratio):.3f} ({min(rss_ratio):.3f}-{max(rss_ratio):.3f}, "
+            f"n = {len(rss_ratio)} rounds)")
+    if args.rounds >= 4:
+        from scipy.stats import mannwhitneyu
+
+        first, second = ratios[0::2], ratios[1::2]  # even rounds: our process ran first
+        test = mannwhitneyu(first, second, alternative="two-sided")
+        print(f"by order: ours first {statistics.median(first):.2f}x (n = {len(first)}), original first "
+              f"{statistics.median(second):.2f}x (n = {len(second)}); Mann-Whitney U p = {test.pvalue:.3g}")
 
 
 if __name__ == "__main__":
