@@ -172,6 +172,17 @@ def peak_memory_alone(folder: Path, side: str, args) -> float:
     return run_alone(folder, side, args, warmup=1, steps=1)["peak_rss_mib"]
 
 
+def order_line(ratios: list[float]) -> str:
+    """The per-round ratios split by which side ran first (ours in even rounds), with a two-sided
+    Mann-Whitney U test of whether the order changes the ratio."""
+    from scipy.stats import mannwhitneyu  # noqa: PLC0415  (scipy only where the test is made)
+
+    first, second = ratios[0::2], ratios[1::2]
+    test = mannwhitneyu(first, second, alternative="two-sided")
+    return (f"by order: ours first {statistics.median(first):.2f}x (n = {len(first)}), original first "
+            f"{statistics.median(second):.2f}x (n = {len(second)}); Mann-Whitney U p = {test.pvalue:.3g}")
+
+
 def process_round_order(r: int) -> tuple[str, str]:
     """Which side's process runs first in round ``r``: ours in even rounds, the original in odd ones."""
     return SIDES if r % 2 == 0 else SIDES[::-1]
@@ -256,12 +267,7 @@ def main() -> None:
         # The shared script always times ours first; rounds here alternate, so the two orders can be compared.
         # Interleaved, a side that runs second in a round follows the other side's step, while the side that
         # runs first follows its own step of the round before (the rounds alternate).
-        from scipy.stats import mannwhitneyu
-
-        first, second = ratios[0::2], ratios[1::2]  # even rounds: ours ran first
-        test = mannwhitneyu(first, second, alternative="two-sided")
-        print(f"by order: ours first {statistics.median(first):.2f}x (n = {len(first)}), original first "
-              f"{statistics.median(second):.2f}x (n = {len(second)}); Mann-Whitney U p = {test.pvalue:.3g}")
+        print(order_line(ratios))
     if args.memory:
         del sides, steps
         mem = {side: peak_memory_alone(args.original, side, args) for side in ("ours", "original")}
@@ -283,6 +289,8 @@ def main_alone(original, args) -> None:
 
 
 def main_processes(args) -> None:
+    """``--processes``: the rounds of fresh one-side processes, and what they measured, printed as
+    the in-process protocols print it (so that ``pool_runs.py`` reads both)."""
     reports = rounds_in_processes(lambda side: run_alone(args.original, side, args, args.warmup, args.steps),
                                   args.rounds)
     times = {side: [statistics.median(rep["step_s"]) for rep in reps] for side, reps in reports.items()}
@@ -309,12 +317,7 @@ def main_processes(args) -> None:
           + f"; ours / original {statistics.median(rss_ratio):.3f} ({min(rss_ratio):.3f}-{max(rss_ratio):.3f}, "
             f"n = {len(rss_ratio)} rounds)")
     if args.rounds >= 4:
-        from scipy.stats import mannwhitneyu
-
-        first, second = ratios[0::2], ratios[1::2]  # even rounds: our process ran first
-        test = mannwhitneyu(first, second, alternative="two-sided")
-        print(f"by order: ours first {statistics.median(first):.2f}x (n = {len(first)}), original first "
-              f"{statistics.median(second):.2f}x (n = {len(second)}); Mann-Whitney U p = {test.pvalue:.3g}")
+        print(order_line(ratios))
 
 
 if __name__ == "__main__":

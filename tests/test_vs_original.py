@@ -111,3 +111,8 @@ def test_a_failed_child_process_is_reported_with_its_output(monkeypatch):
     monkeypatch.setattr(vs_original.subprocess, "run", failed)
     with pytest.raises(RuntimeError, match="the original process exited with 1(.|\n)*MemoryError"):
         vs_original.run_alone(Path("/nowhere"), "original", _args(1), warmup=1, steps=1)
+
+
+def test_order_line_splits_the_rounds_by_who_ran_first():
+    line = vs_original.order_line([1.2, 1.4, 1.2, 1.4, 1.2, 1.4])
+    assert line.startswith("by order: ours first 1.20x (n = 3), original first 1.40x (n = 3)")
