@@ -172,6 +172,19 @@ def peak_memory_alone(folder: Path, side: str, args) -> float:
     return run_alone(folder, side, args, warmup=1, steps=1)["peak_rss_mib"]
 
 
+def rate_and_fault_lines(times: dict[str, list[float]], ratios: list[float], faults: dict[str, list[int]],
+                         batch: int) -> str:
+    """Each side's images/s at its median step, the median per-round speed-up with its 95% bootstrap
+    interval, and each side's median minor page faults per step (in MiB of pages)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lo, hi = bootstrap_median_ci(ratios)
+    page = resource.getpagesize()
+    return (f"images/s: ours {batch / med['ours']:.3f}, original {batch / med['original']:.3f}; "
+            f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]\n"
+            "minor page faults per step (median): " + ", ".join(
+                f"{k} {statistics.median(v):.0f} ({statistics.median(v) * page / 2**20:.0f} MiB)" for k, v in faults.items()))
+
+
 def order_line(ratios: list[float]) -> str:
     """The per-round ratios split by which side ran first (ours in even rounds), with a two-sided
     Mann-Whitney U test of whether the order changes the ratio."""
@@ -250,19 +263,13 @@ def main() -> None:
                 steps[k](record=False)
             times[k].append(steps[k]())
     ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
-    lo, hi = bootstrap_median_ci(ratios)
     print(f"machine: {machine()}")
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up), "
           f"{'CPU' if args.cpu_time else 'wall'} time, "
           + ("each timed step after an untimed one of the same side (--steady)" if args.steady
              else "each side's step right after the other side's (interleaved)"))
     print("step seconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
-          f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
-    page = resource.getpagesize()
-    print("minor page faults per step (median): " + ", ".join(
-        f"{k} {statistics.median(v):.0f} ({statistics.median(v) * page / 2**20:.0f} MiB)" for k, v in faults.items()))
+    print(rate_and_fault_lines(times, ratios, faults, args.batch))
     if args.rounds >= 4:
         # The shared script always times ours first; rounds here alternate, so the two orders can be compared.
         # Interleaved, a side that runs second in a round follows the other side's step, while the side that
@@ -295,7 +302,6 @@ def main_processes(args) -> None:
                                   args.rounds)
     times = {side: [statistics.median(rep["step_s"]) for rep in reps] for side, reps in reports.items()}
     ratios = [o / u for o, u in zip(times["original"], times["ours"], strict=True)]
-    lo, hi = bootstrap_median_ci(ratios)
     print(f"machine: {machine()}")
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds "
           f"(each side a fresh process per round: {args.warmup} untimed + {args.steps} timed steps), wall time, "
@@ -303,13 +309,8 @@ def main_processes(args) -> None:
     print("step seconds:", {k: [round(t, 3) for t in v] for k, v in times.items()})
     print("timed steps of each process:", {k: [[round(t, 2) for t in rep["step_s"]] for rep in reps]
                                            for k, reps in reports.items()})
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"images/s: ours {args.batch / med['ours']:.3f}, original {args.batch / med['original']:.3f}; "
-          f"speed-up (median of per-round ratios) {statistics.median(ratios):.2f}x, 95% CI [{lo:.2f}, {hi:.2f}]")
-    page = resource.getpagesize()
-    faults = {k: statistics.median(f for rep in reps for f in rep["faults"]) for k, reps in reports.items()}
-    print("minor page faults per step (median): "
-          + ", ".join(f"{k} {v:.0f} ({v * page / 2**20:.0f} MiB)" for k, v in faults.items()))
+    faults = {k: [f for rep in reps for f in rep["faults"]] for k, reps in reports.items()}
+    print(rate_and_fault_lines(times, ratios, faults, args.batch))
     rss = {k: [rep["peak_rss_mib"] for rep in reps] for k, reps in reports.items()}
     rss_ratio = [u / o for u, o in zip(rss["ours"], rss["original"], strict=True)]
     print("peak RSS per process, MiB: " + ", ".join(f"{k} median {statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"
