@@ -15,7 +15,10 @@ On a CUDA machine, ``python benchmarks/gpu_check.py`` runs:
     while they ran (a new mask every step changes the group segments' sizes, which can make a
     compiled model compile again).
 (c) ``finetune``: the same for the classifier (cross-entropy on random labels).
-(d) ``ddp``: a short ``torchrun`` of DDP pretraining steps over NCCL on all visible GPUs.
+(d) ``ddp``: a short ``torchrun`` of DDP pretraining steps over NCCL on all visible GPUs, each
+    rank with its own images and masks, checking that every parameter agrees across the ranks
+    afterwards (they do only if the gradients were all-reduced). ``make test`` runs the same
+    workers over gloo on the CPU.
 
 MFU = forward FLOPs per image (counted by ``FlopCounterMode`` on the model as it runs,
 multiply-add = 2 FLOPs) x 3 (forward + backward) x images/s / the GPU's dense bf16 peak
@@ -45,9 +48,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from mixmim.models import build_classifier, build_pretrainer
-from mixmim.models.layers import WindowAttention, attention_plan, group_attention_bias
-from mixmim.models.masking import random_mask
+# The GPU machine runs this file from a bare copy of the checkout, with its own python3 and no
+# install of this project: the repository root goes on the path (it holds `mixmim`), and the
+# torchrun workers of part (d) find it the same way.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mixmim.models import build_classifier, build_pretrainer  # noqa: E402
+from mixmim.models.layers import WindowAttention, group_attention_bias  # noqa: E402
+from mixmim.models.masking import random_mask  # noqa: E402
 
 # Largest |error| / largest |reference| allowed against the fp64 reference.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -232,50 +242,79 @@ def time_steps(kind: str, model_name: str, batch: int, img_size: int, compile_mo
 
 
 # --------------------------------------------------------------------------- #
-# (d) DDP over NCCL
+# (d) DDP over NCCL (over gloo on the CPU in make test)
 # --------------------------------------------------------------------------- #
-def ddp_worker(model_name: str, batch: int, img_size: int, steps: int) -> None:
+def ddp_worker(model_name: str, batch: int, img_size: int, steps: int, backend: str = "nccl",
+               sync: bool = True) -> None:
+    """One rank of part (d): ``steps`` timed DDP pretraining steps after one untimed step; rank 0
+    prints the figures as one JSON line.
+
+    Each rank draws its own images and masks, as a distributed sampler would hand out different
+    ones, so the ranks' parameters agree afterwards only if their gradients were all-reduced:
+    that is what ``params_agree`` checks, over every parameter. ``backend`` "nccl" runs on the
+    rank's GPU in bf16 autocast with fused AdamW; "gloo" runs on the CPU in fp32, which is how
+    ``make test`` checks the launch, the gradient exchange and the report without a GPU.
+    ``sync=False`` skips the DDP wrapper (the test that the check can fail)."""
     import torch.distributed as dist
 
-    # the device first, as the PyTorch DDP tutorial asks: it avoids hangs and memory on GPU 0
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = build_pretrainer(model_name, img_size=img_size).cuda()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, fused=True)
-    imgs = torch.randn(batch, 3, img_size, img_size, device="cuda")
-    t0 = None
+    cuda = backend == "nccl"
+    if cuda:  # the device first, as the PyTorch DDP tutorial asks: it avoids hangs and memory on GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = build_pretrainer(model_name, img_size=img_size).to(device)
+    run = torch.nn.parallel.DistributedDataParallel(model) if sync else model
+    opt = torch.optim.AdamW(run.parameters(), lr=1e-4, fused=cuda)
+    torch.manual_seed(1 + rank)  # each rank its own images and masks
+    imgs = torch.randn(batch, 3, img_size, img_size, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    wait = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = 0.0
     for i in range(steps + 1):
         if i == 1:
-            torch.cuda.synchronize()
+            wait()
             t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = ddp(imgs).loss
+        with autocast:
+            loss = run(imgs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    wait()
     dt = (time.perf_counter() - t0) / steps
-    # Parameters must agree across ranks after synchronised updates.
-    first = next(model.parameters()).detach().flatten()[:1024].float()
-    gathered = [torch.empty_like(first) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, first)
-    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    gap = (flat - ref).abs().max()
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print(json.dumps({"ddp_world_size": dist.get_world_size(), "s_per_step": round(dt, 4),
-                          "images_per_s_total": round(batch * dist.get_world_size() / dt, 1),
-                          "params_agree": same}), flush=True)
+        print(json.dumps({"ddp_backend": backend, "ddp_world_size": world, "s_per_step": round(dt, 4),
+                          "images_per_s_total": round(batch * world / dt, 1), "params_agree": gap.item() == 0.0,
+                          "params_max_gap": gap.item()}), flush=True)
+    # Without this, 2-rank gloo runs under torch 2.11 (the GPU image's release) hung at exit in 3 of 4
+    # tries: the wrapper (which holds the group) goes first, and no rank leaves while another still works.
+    del run
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def run_ddp(model_name: str, batch: int, img_size: int, steps: int) -> dict[str, object]:
-    n = torch.cuda.device_count()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone", __file__,
-           "--ddp-worker", "--model", model_name, "--batch", str(batch), "--img-size", str(img_size),
-           "--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def run_ddp(model_name: str, batch: int, img_size: int, steps: int, nproc: int | None = None,
+            backend: str | None = None, sync: bool = True, timeout_s: float = 900) -> dict[str, object]:
+    """Part (d): ``torchrun`` of :func:`ddp_worker` on ``nproc`` ranks (default: every visible GPU),
+    over NCCL when CUDA is there, else gloo; the workers' report, or their exit code and output tail."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    nproc = torch.cuda.device_count() if nproc is None else nproc
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc}; expected at least one rank (no GPU is visible: pass nproc for gloo)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", __file__,
+           "--ddp-worker", "--ddp-backend", backend, "--model", model_name, "--batch", str(batch),
+           "--img-size", str(img_size), "--steps", str(steps)] + ([] if sync else ["--ddp-no-sync"])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return {"ddp_ok": False, "timed_out_s": timeout_s, "tail": out[-2000:]}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         return {"ddp_ok": False, "returncode": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
@@ -300,18 +339,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="time eager only")
+    parser.add_argument("--modes", default="eager,compiled",
+                        help="comma-separated subset of eager, compiled: how parts (b) and (c) run the model")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-backend", default="nccl", choices=["nccl", "gloo"], help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-no-sync", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_worker:
-        ddp_worker(args.model, args.batch, args.img_size, args.steps)
+        ddp_worker(args.model, args.batch, args.img_size, args.steps, args.ddp_backend, sync=not args.ddp_no_sync)
         return {}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - {"parity", "pretrain", "finetune", "ddp"})
     if unknown:
         raise ValueError(f"--parts names {unknown}; expected a subset of parity, pretrain, finetune, ddp")
+    mode_names = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not mode_names or set(mode_names) - {"eager", "compiled"}:
+        raise ValueError(f"--modes {args.modes!r}; expected eager, compiled or both, comma-separated")
+    modes = [m == "compiled" for m in ("eager", "compiled") if m in mode_names]
     cuda = torch.cuda.is_available()
     report: dict[str, object] = {"torch": torch.__version__, "cuda": cuda}
 
@@ -347,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             if kind not in parts:
                 continue
             rows = []
-            for compiled in ((False,) if args.no_compile else (False, True)):
+            for compiled in modes:
                 try:
                     rows.append(time_steps(kind, args.model, args.batch, args.img_size, compiled, args.steps,
                                            args.warmup, "cuda", peak))

@@ -152,14 +152,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_alone(folder: Path, side: str, args, warmup: int, steps: int) -> dict:
-    """One side in a fresh process: ``warmup`` untimed steps, then ``steps`` timed ones.
+def run_alone(folder: Path, side: str, args, warmup: int, steps: int, env: dict[str, str] | None = None) -> dict:
+    """One side in a fresh process (environment ``env``, default this one's): ``warmup`` untimed
+    steps, then ``steps`` timed ones.
 
     Returns what the child printed: its timed step seconds, minor faults per timed step and peak RSS (MiB)."""
     cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
            "--img-size", str(args.img_size), "--precision", args.precision, "--only", side,
            "--warmup", str(warmup), "--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         raise RuntimeError(f"the {side} process exited with {done.returncode}; its last output:\n"

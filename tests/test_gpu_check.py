@@ -110,6 +110,12 @@ def test_unknown_part_is_refused():
         gpu_check.main(["--parts", "parity,bogus"])
 
 
+@pytest.mark.parametrize("modes", ["", "eager,jit"])
+def test_unknown_mode_is_refused(modes):
+    with pytest.raises(ValueError, match="--modes"):
+        gpu_check.main(["--modes", modes])
+
+
 def test_timed_steps_report_the_median_step_and_its_spread():
     row = gpu_check.time_steps("pretrain", "mixmim_tiny", batch=2, img_size=64, compile_model=False, steps=3,
                                warmup=1, device="cpu", peak=1e12)
@@ -126,3 +132,52 @@ def test_compiled_graphs_counts_what_torch_compile_makes():
     before = gpu_check.compiled_graphs()
     torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
     assert gpu_check.compiled_graphs() == before + 1
+
+
+def test_ddp_workers_agree_only_when_their_gradients_are_all_reduced():
+    # part (d) through torchrun, over gloo on the CPU: two ranks with different images and masks
+    synced = gpu_check.run_ddp("mixmim_tiny", batch=2, img_size=64, steps=1, nproc=2, backend="gloo",
+                               timeout_s=300)
+    assert synced["ddp_ok"] is True, synced
+    assert synced["ddp_backend"] == "gloo" and synced["ddp_world_size"] == 2
+    assert synced["params_agree"] is True and synced["params_max_gap"] == 0.0
+    alone = gpu_check.run_ddp("mixmim_tiny", batch=2, img_size=64, steps=1, nproc=2, backend="gloo",
+                              sync=False, timeout_s=300)
+    assert alone["ddp_ok"] is True, alone
+    assert alone["params_agree"] is False and alone["params_max_gap"] > 0
+
+
+def test_ddp_that_outlasts_its_limit_is_reported_not_raised(monkeypatch):
+    import subprocess
+
+    def hang(cmd, capture_output, text, timeout):
+        raise subprocess.TimeoutExpired(cmd, timeout, output="rank 0 started\n")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", hang)
+    out = gpu_check.run_ddp("mixmim_tiny", batch=2, img_size=64, steps=1, nproc=2, backend="gloo", timeout_s=5)
+    assert out == {"ddp_ok": False, "timed_out_s": 5, "tail": "rank 0 started\n"}
+
+
+def test_ddp_without_a_rank_is_refused():
+    with pytest.raises(ValueError, match="nproc=0"):
+        gpu_check.run_ddp("mixmim_tiny", batch=2, img_size=64, steps=1, nproc=0, backend="gloo")
+
+
+def test_the_prepared_device_script_runs_and_leaves_its_eight_files(tmp_path):
+    # Without CUDA each gpu_check.py call runs the CPU parts; what is checked here is the script itself:
+    # its environment report, the three parts' reports and logs, and the status line of each.
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[1]
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path)], cwd=repo, capture_output=True,
+                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["env.txt", "status.txt"] + [f"{n}.{e}" for n in ("eager", "ddp", "compiled")
+                                                           for e in ("json", "log")])
+    status = (tmp_path / "status.txt").read_text().splitlines()
+    assert [ln.split(":")[0] for ln in status] == ["eager", "ddp", "compiled"]
+    assert all(": exit 0 after" in ln for ln in status), status
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    assert json.loads((tmp_path / "eager.json").read_text())["cuda"] is False

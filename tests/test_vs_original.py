@@ -104,13 +104,15 @@ def test_a_process_timing_one_side_builds_only_that_side():
 
 
 def test_a_failed_child_process_is_reported_with_its_output(monkeypatch):
-    def failed(cmd, capture_output, text):
+    def failed(cmd, capture_output, text, env):
         assert "--only" in cmd and cmd[cmd.index("--only") + 1] == "original"
+        assert env == {"OMP_WAIT_POLICY": "ACTIVE"}  # the child's environment as given
         return argparse.Namespace(returncode=1, stdout="", stderr="Traceback ...\nMemoryError")
 
     monkeypatch.setattr(vs_original.subprocess, "run", failed)
     with pytest.raises(RuntimeError, match="the original process exited with 1(.|\n)*MemoryError"):
-        vs_original.run_alone(Path("/nowhere"), "original", _args(1), warmup=1, steps=1)
+        vs_original.run_alone(Path("/nowhere"), "original", _args(1), warmup=1, steps=1,
+                              env={"OMP_WAIT_POLICY": "ACTIVE"})
 
 
 def test_order_line_splits_the_rounds_by_who_ran_first():
