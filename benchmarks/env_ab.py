@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_original import SIDES, bootstrap_median_ci, load_original, machine, run_alone  # noqa: E402
+from vs_original import (SIDES, add_step_options, bootstrap_median_ci, check_counts, load_original,  # noqa: E402
+                         machine, run_alone)
 
 CONFIGS = [(side, env) for env in ("A", "B") for side in SIDES]
 
@@ -101,20 +102,11 @@ def summary(times: dict[tuple[str, str], list[float]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("original", type=Path, help="folder laid by lay_original.sh")
+    add_step_options(parser, rounds=8)
     parser.add_argument("--env-a", nargs="+", required=True, metavar="NAME[=VALUE]")
     parser.add_argument("--env-b", nargs="+", required=True, metavar="NAME[=VALUE]")
-    parser.add_argument("--model", default="mixmim_base", choices=["mixmim_base", "mixmim_large", "mixmim_huge"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.batch < 1 or args.warmup < 0 or args.steps < 1:
-        raise ValueError(f"--rounds {args.rounds} --batch {args.batch} --warmup {args.warmup} --steps {args.steps}; "
-                         "expected positive counts (--warmup may be 0)")
+    check_counts(args)
     envs = {"A": parse_env(args.env_a, "--env-a"), "B": parse_env(args.env_b, "--env-b")}
     if envs["A"] == envs["B"]:
         raise ValueError(f"--env-a and --env-b are the same ({describe(envs['A'])}); nothing would be compared")

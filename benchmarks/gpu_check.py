@@ -313,7 +313,9 @@ def run_ddp(model_name: str, batch: int, img_size: int, steps: int, nproc: int |
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
-        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        out = err.stdout or ""  # bytes here even with text=True: what was read before the kill
+        if isinstance(out, bytes):
+            out = out.decode(errors="replace")
         return {"ddp_ok": False, "timed_out_s": timeout_s, "tail": out[-2000:]}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:

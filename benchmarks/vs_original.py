@@ -211,14 +211,29 @@ def rounds_in_processes(run_side, rounds: int) -> dict[str, list[dict]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_options(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The original's folder and the options of every script that times one side per process:
+    what a step is, how many rounds, and the untimed and timed steps of each process."""
     parser.add_argument("original", type=Path, help="folder laid by lay_original.sh")
     parser.add_argument("--model", default="mixmim_base", choices=["mixmim_base", "mixmim_large", "mixmim_huge"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (fresh-process protocols)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (fresh-process protocols)")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts that would measure nothing, before anything runs."""
+    if args.rounds < 1 or args.batch < 1 or args.warmup < 0 or args.steps < 1:
+        raise ValueError(f"--rounds {args.rounds} --batch {args.batch} --warmup {args.warmup} --steps {args.steps}; "
+                         "expected positive counts (--warmup may be 0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_options(parser, rounds=6)
     parser.add_argument("--memory", action="store_true", help="also peak RSS of each side alone")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time (meaningful with one thread: "
@@ -229,13 +244,9 @@ def main() -> None:
     parser.add_argument("--processes", action="store_true",
                         help="each round, run each side in a fresh process of its own (--warmup untimed, then "
                              "--steps timed steps; the round's figure is the process's median step)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (--processes)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (--processes)")
     parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rounds < 1 or args.batch < 1 or args.warmup < 0 or args.steps < 1:
-        raise ValueError(f"--rounds {args.rounds} --batch {args.batch} --warmup {args.warmup} --steps {args.steps}; "
-                         "expected positive counts (--warmup may be 0)")
+    check_counts(args)
     if args.processes and (args.steady or args.cpu_time or args.memory):
         raise ValueError("--processes is a protocol of its own: it cannot be combined with --steady, --cpu-time "
                          "or --memory (it reports each side's peak RSS itself)")
