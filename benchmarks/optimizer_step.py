@@ -1,8 +1,8 @@
 """The AdamW update alone: the engine's optimizer as it runs on the CPU, against PyTorch's
 multi-tensor (``foreach``) and fused implementations, on a model's real parameter groups.
 
-Why: in a MixMIM-B pretraining step on the 2-core development machine the AdamW update takes
-0.23-0.28 s of 3.1-3.9 s (``step_breakdown.py``). ``build_adamw`` (mixmim/engine/optim.py) leaves
+Why: in a MixMIM-B pretraining step on the 2-core development machine the AdamW update alone took
+0.19-0.24 s (``step_floor.py``, tenth session, benchmarks/SESSIONS.md), against steps of 3.3-3.6 s. ``build_adamw`` (mixmim/engine/optim.py) leaves
 ``foreach`` and ``fused`` unset, so on the CPU PyTorch runs its per-parameter loop (it defaults to
 the multi-tensor kernels only on accelerators). This script measures what the other two would
 give, and whether they compute the same numbers: a variant that is faster but not bit-identical
