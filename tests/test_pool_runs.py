@@ -50,9 +50,10 @@ def test_pooling_takes_every_round_of_every_run(tmp_path, capsys, monkeypatch):
     pool_runs.main()
     out = capsys.readouterr().out.splitlines()
     ratios = [1.2, 1.4, 1.5, 1.2, 1.25, 1.3, 1.4, 1.5]
-    last = out[-1]
-    assert last.startswith(f"pooled, 2 runs: {statistics.median(ratios):.3f}x")
-    assert "n = 8 rounds" in last and "5 of 8 at or above 1.3x" in last
+    pooled = out[-2]
+    assert pooled.startswith(f"pooled, 2 runs: {statistics.median(ratios):.3f}x")
+    assert "n = 8 rounds" in pooled and "5 of 8 at or above 1.3x" in pooled
+    assert out[-1].startswith(f"by run, 2 runs (each its median ratio): geometric mean {math.sqrt(1.4 * 1.3):.3f}x")
     assert any(ln.startswith("pooled x-s1: 1.400x") and "n = 3 rounds" in ln for ln in out)
     assert any(ln.startswith("x-s2-b.txt: 1.300x") and ln.endswith("ours 2.00 s, original 2.60 s") for ln in out)
 
@@ -95,3 +96,23 @@ def test_the_committed_steady_logs_are_one_poolable_measurement():
     runs = [pool_runs.parse_run(p) for p in logs]
     pool_runs.check_poolable(runs)
     assert all(len(r.ours) >= 16 for r in runs)
+
+
+def test_the_run_level_interval_counts_the_spread_between_runs():
+    # Five runs whose rounds agree closely inside each run but whose medians spread: the pooled
+    # rounds resolve the median below 1.3x, the runs as observations do not.
+    medians = [1.257, 1.295, 1.270, 1.165, 1.315]
+    level = pool_runs.by_run(medians, 1.3)
+    assert level.runs == 5
+    assert math.isclose(level.mean, math.exp(statistics.fmean(math.log(m) for m in medians)))
+    assert level.ci[0] < level.mean < level.ci[1] and level.ci[1] > 1.3
+    assert 0.5 < level.p_above < 1  # a mean above 1.3x is not supported; neither is it excluded at 5%
+    rounds = [m * f for m in medians for f in (0.998, 0.999, 1.0, 1.001, 1.002)]
+    assert pool_runs.summarise(rounds, 1.3).ci[1] < 1.3
+    tight = pool_runs.by_run([1.4, 1.41, 1.39, 1.4], 1.3)
+    assert tight.ci[0] > 1.3 and tight.p_above < 0.01
+
+
+def test_one_run_has_no_run_level_interval():
+    with pytest.raises(ValueError, match="1 run\\(s\\): a run-level interval needs at least 2"):
+        pool_runs.by_run([1.3], 1.3)
