@@ -20,8 +20,8 @@ lines are printed beside the pooled one, and ``--by-session`` prints the pool of
 prefix apart. With two runs or more the last line treats each run as one observation (its
 median ratio): their geometric mean with a Student t 95% interval and a one-sided t-test of a
 mean above the threshold, on log ratios. Rounds within a run are not independent of each other
-when runs differ (on the development machine two runs started 45 minutes apart gave 1.17x and 1.32x), so where the two
-disagree the run-level line is the one to read.
+when runs differ (on the development machine two runs started 45 minutes apart gave 1.17x and
+1.32x), so where the two disagree the run-level line is the one to read.
 """
 
 from __future__ import annotations
