@@ -1,12 +1,21 @@
-"""The default pipeline's pretraining on the CPU: one process with N threads, or N one-thread processes?
+"""A pipeline's pretraining on the CPU: one process with N threads, N one-thread processes, or N runs?
 
-Runs the pretraining stage of ``params.yaml`` (the built-in unlabeled set, the default model and
-decoder) for a few optimiser steps in both layouts, alternating, and prints the images/s the engine
-measured over each logging window (the first window, warm-up, left out). The global batch is the
-same in both: ``--batch`` images per step in the single process, ``--batch / N`` per process
-under ``torchrun --nproc-per-node N`` (gloo). Needs the built-in data (``dvc repro prepare_data``).
+Runs the pretraining stage of a params file (default ``params.yaml``: the built-in unlabeled
+set, the default model and decoder) for a few optimiser steps in the chosen layouts, alternating
+their order from round to round, and prints the images/s the engine measured over each logging
+window (the first window, warm-up, left out):
+
+- ``threads``: one process with N torch threads, ``--batch`` images per step;
+- ``processes``: one run split over N one-thread processes under ``torchrun --nproc-per-node N``
+  (gloo), ``--batch / N`` images per process and step, the same global batch;
+- ``streams``: N independent one-thread runs side by side, ``--batch`` images per step each, as
+  the ablations' seeds were run; their rate is the sum of the runs' rates.
+
+Each run has its own MLflow store. Needs the built-in data (``dvc repro prepare_data``).
 
     python benchmarks/pretrain_processes.py --rounds 2 --steps 60
+    python benchmarks/pretrain_processes.py --params pipelines/ablations/params.yaml \
+        --sections pretrain variants.default --layouts threads streams --rounds 4 --steps 60
 """
 
 from __future__ import annotations
@@ -29,61 +38,113 @@ from mixmim.stats import t_interval
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(layout: str, procs: int, batch: int, steps: int, tmp: Path, tag: str) -> list[float]:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
+LAYOUTS = ("threads", "processes", "streams")
+
+
+def section(params: dict, dotted: str) -> dict:
+    """The mapping at a dotted section path of a params file (``variants.default``)."""
+    node = params
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        raise SystemExit(f"--sections {dotted}: not a mapping in the params file")
+    return node
+
+
+def stage_command(params_file: Path, sections: list[str], steps: int, batch: int, tmp: Path, tag: str) -> \
+        tuple[list[str], str, Path]:
+    """The pretraining stage over a copy of ``params_file`` (roots absolute, its own store, a short run)."""
+    params = yaml.safe_load(params_file.read_text())
+    store = f"sqlite:///{tmp / f'{tag}.db'}"
     params["tracking"] = {**params["tracking"], "uri": store, "experiment": "bench"}
-    params["roots"] = {k: str((REPO / v).resolve()) for k, v in params["roots"].items()}  # from the temp folder
-    per_process = batch // procs if layout == "processes" else batch
-    params["pretrain"].update(epochs=1, warmup_epochs=0, knn_every=0, batch_size=per_process,
-                              max_steps_per_epoch=steps, log_every_steps=10, progress=False)
+    # roots are relative to the params file's folder; the copy lives in the temporary folder
+    params["roots"] = {k: str((params_file.parent / v).resolve()) for k, v in params["roots"].items()}
+    # the last section wins when the stage merges them, so the short-run overrides go there
+    section(params, sections[-1]).update(epochs=1, warmup_epochs=0, knn_every=0, batch_size=batch,
+                                          max_steps_per_epoch=steps, log_every_steps=10, progress=False)
     pfile = tmp / f"params_{tag}.yaml"
     pfile.write_text(yaml.safe_dump(params))
     metrics = tmp / f"{tag}.json"
-    script = [str(REPO / "stages" / "pretrain.py"), "--params", str(pfile), "--sections", "pretrain", "--seed", "0",
+    script = [str(REPO / "stages" / "pretrain.py"), "--params", str(pfile), "--sections", *sections, "--seed", "0",
               "--run-dir", str(tmp / tag), "--metrics", str(metrics), "--plots", str(tmp / f"{tag}.csv"),
               "--variant", tag]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if layout == "processes":
-        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--nproc-per-node", str(procs), *script]
-        env["OMP_NUM_THREADS"] = "1"
-    else:
-        cmd = [sys.executable, *script]
+    return script, store, metrics
+
+
+def run(layout: str, procs: int, batch: int, steps: int, tmp: Path, tag: str, params_file: Path,
+        sections: list[str]) -> list[float]:
+    """The window rates of one run of ``layout`` (``streams``: the sum of the side-by-side runs' rates)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    jobs = []
+    if layout == "threads":
+        script, store, metrics = stage_command(params_file, sections, steps, batch, tmp, tag)
+        jobs.append(([sys.executable, *script], store, metrics))
         env["OMP_NUM_THREADS"] = str(procs)
-    subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return window_rates(store, json.loads(metrics.read_text())["run_id"])
+    elif layout == "processes":
+        script, store, metrics = stage_command(params_file, sections, steps, batch // procs, tmp, tag)
+        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+        jobs.append(([torchrun, "--nproc-per-node", str(procs), *script], store, metrics))
+    else:
+        for i in range(procs):
+            script, store, metrics = stage_command(params_file, sections, steps, batch, tmp, f"{tag}-{i}")
+            jobs.append(([sys.executable, *script], store, metrics))
+    running = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for cmd, _, _ in jobs]
+    for proc, (cmd, _, _) in zip(running, jobs):
+        if proc.wait() != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited with status {proc.returncode}")
+    rates = [window_rates(store, json.loads(metrics.read_text())["run_id"]) for _, store, metrics in jobs]
+    if len(rates) == 1:
+        return rates[0]
+    # side by side, window i of each run covers about the same time; the machine's rate is their sum
+    return [sum(window) for window in zip(*rates)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--procs", type=int, default=2, help="threads of the one process / number of processes")
-    p.add_argument("--batch", type=int, default=16, help="global batch (images per optimiser step)")
+    p.add_argument("--params", type=Path, default=REPO / "params.yaml", help="the pipeline's params file")
+    p.add_argument("--sections", nargs="+", default=["pretrain"], help="its pretraining sections, as the stage takes them")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["threads", "processes"],
+                   help="the first is the baseline the others are compared with")
+    p.add_argument("--procs", type=int, default=2, help="threads of the one process / number of processes or runs")
+    p.add_argument("--batch", type=int, default=16, help="images per optimiser step (of each run, for streams)")
     p.add_argument("--steps", type=int, default=60, help="optimiser steps per run")
     p.add_argument("--rounds", type=int, default=2)
-    a = p.parse_args()
-    if a.batch % a.procs:
-        raise SystemExit(f"--batch {a.batch} is not divisible by --procs {a.procs}")
+    a = p.parse_args(argv)
+    if "processes" in a.layouts and a.batch % a.procs:
+        raise SystemExit(f"--batch {a.batch} is not divisible by --procs {a.procs} (the processes layout splits it)")
     if a.rounds < 2:
-        raise SystemExit("--rounds must be at least 2 (the interval is over rounds)")
-    rates: dict[str, list[float]] = {"threads": [], "processes": []}
-    ratios = []
+        raise SystemExit(f"--rounds {a.rounds}: must be at least 2 (the interval is over rounds)")
+    if len(set(a.layouts)) < 2:
+        raise SystemExit(f"--layouts {' '.join(a.layouts)}: name at least two different layouts to compare")
+    if not a.params.is_file():
+        raise SystemExit(f"--params {a.params}: no such file")
+    layouts = list(dict.fromkeys(a.layouts))
+    base = layouts[0]
+    rates: dict[str, list[float]] = {k: [] for k in layouts}
+    ratios: dict[str, list[float]] = {k: [] for k in layouts[1:]}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            order = ("threads", "processes") if r % 2 == 0 else ("processes", "threads")
+            order = layouts if r % 2 == 0 else layouts[::-1]
             medians = {}
             for layout in order:
-                got = run(layout, a.procs, a.batch, a.steps, Path(tmp), f"{layout}{r}")
+                got = run(layout, a.procs, a.batch, a.steps, Path(tmp), f"{layout}{r}", a.params.resolve(),
+                          a.sections)
                 rates[layout] += got
                 medians[layout] = statistics.median(got)
                 print(f"round {r} {layout}: median {medians[layout]:.1f} img/s over {len(got)} windows", flush=True)
-            ratios.append(medians["processes"] / medians["threads"])
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    ratio = t_interval(ratios, unit="rounds")
-    print(f"1 process x {a.procs} threads: {med['threads']:.1f} img/s; {a.procs} processes x 1 thread: "
-          f"{med['processes']:.1f} img/s (medians over {len(rates['threads'])} / {len(rates['processes'])} windows of "
-          f"10 steps, global batch {a.batch}); per-round ratio {', '.join(f'{x:.2f}' for x in ratios)}: mean "
-          f"{ratio.value:.2f}x (95% CI {ratio.low:.2f}-{ratio.high:.2f}, {ratio.method})")
+            for layout in layouts[1:]:
+                ratios[layout].append(medians[layout] / medians[base])
+    names = {"threads": f"1 process x {a.procs} threads", "processes": f"{a.procs} processes x 1 thread (one run)",
+             "streams": f"{a.procs} one-thread runs side by side"}
+    print(f"{a.params} {' + '.join(a.sections)}, {a.steps} steps per run, {a.batch} images per step"
+          f"{' of each run' if 'streams' in layouts else ''}, windows of 10 steps:")
+    for layout in layouts:
+        print(f"  {names[layout]}: {statistics.median(rates[layout]):.1f} img/s (median of {len(rates[layout])} windows)")
+    for layout, values in ratios.items():
+        ratio = t_interval(values, unit="rounds")
+        print(f"{names[layout]} / {names[base]}, per round {', '.join(f'{x:.2f}' for x in values)}: mean "
+              f"{ratio.value:.2f}x (95% CI {ratio.low:.2f}-{ratio.high:.2f}, {ratio.method})")
 
 
 if __name__ == "__main__":

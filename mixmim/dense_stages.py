@@ -15,7 +15,9 @@ from typing import Any
 
 from .engine.config import ConfigError
 from .params import Params, merged
-from .pipeline import is_main_process, stage_config, summarize_seeds, write_metrics, write_plot_csv
+from .pipeline import (
+    drop_resume_state, is_main_process, stage_config, summarize_seeds, write_metrics, write_plot_csv,
+)
 from .transfer.dense_config import DetectionConfig, SegmentationConfig, check_config
 
 __all__ = ["ADE20K_METRICS", "COCO_METRICS", "ade20k_stage", "coco_stage"]
@@ -65,6 +67,7 @@ def coco_stage(params: Params, sections: Sequence[str], variant: str, init: str 
                                  "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
                                  "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
                                  "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
+    drop_resume_state(cfg.output_dir)
     return result
 
 
@@ -89,4 +92,5 @@ def ade20k_stage(params: Params, sections: Sequence[str], variant: str, init: st
                                  "n_val": result["n_val"], "model": cfg.model, "max_iters": cfg.max_iters,
                                  "img_size": cfg.img_size, "seed": cfg.seed, "model_kwargs": dict(cfg.model_kwargs),
                                  "model_gflops": result["model_gflops"], "model_params_m": result["model_params_m"]})
+    drop_resume_state(cfg.output_dir)
     return result

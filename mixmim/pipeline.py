@@ -10,7 +10,8 @@ One stage run, for every kind of stage (pretraining, finetuning / scratch, COCO,
 3. the run is filed in MLflow as ``<stage>/<variant>/s<seed>`` under a per-variant group run
    (``<stage>/<variant>``; its children are the seeds), tagged with the seed, the pipeline,
    the pipeline invocation (``MIXMIM_PARENT_RUN_ID``) and the DVC experiment, if any;
-4. the engine runs and the stage writes its metrics JSON and plot CSV through :mod:`mixmim.io`.
+4. the engine runs and the stage writes its metrics JSON and plot CSV through :mod:`mixmim.io`;
+5. the run's resume state is deleted (:func:`drop_resume_state`): only a killed stage needs it.
 
 :func:`stage_main` turns a user's mistake (an unknown key, a missing dataset root, a corrupt
 image, an unreachable tracking store) into one line on stderr and exit status 2; a traceback
@@ -41,7 +42,7 @@ from .params import (
 
 __all__ = [
     "GROUP_STAGE", "PARENT_RUN_ENV", "STAGE_KEYS", "TRACKING_URI_ENV",
-    "DatasetRootError", "Params", "TrackingParams", "finetune_stage", "is_user_error",
+    "DatasetRootError", "Params", "TrackingParams", "drop_resume_state", "finetune_stage", "is_user_error",
     "load_params", "merged", "pretrain_stage", "run_under_parent", "stage_config", "stage_main", "stage_parser",
     "tracking_fields", "write_metrics", "write_plot_csv",
 ]
@@ -90,6 +91,24 @@ def write_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any]) -> P
 def write_plot_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
     """One row per epoch; the columns are the union of the rows' keys in first-seen order."""
     return write_csv_atomic(path, rows)
+
+
+def drop_resume_state(run_dir: str | os.PathLike[str]) -> bool:
+    """Delete a finished stage's resume state (``<run_dir>/checkpoint-last.pt``); True if there was one.
+
+    The checkpoint is kept across invocations so that a killed stage resumes. Once the stage has
+    written its weights and metrics nothing reads it: a rerun starts afresh, because a finished
+    run's checkpoint is never resumed (:func:`mixmim.engine.loop.resume_blocker`). It holds the
+    optimiser's two moments beside the weights, three times the model's size, for every stage and
+    seed. Called last, so a stage killed before it ends keeps the state it may resume from.
+    """
+    from .engine.state import LAST
+
+    path = Path(run_dir) / LAST
+    if not path.is_file():
+        return False
+    path.unlink()
+    return True
 
 
 # --------------------------------------------------------------------------- checked configs
@@ -167,7 +186,7 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
     """Pretrain on the section's dataset (root from ``roots``) and write metrics and curves.
 
     The weights (``<run_dir>/pretrain.pt``) and their run reference (``mlflow_run.json``) are
-    what later stages read; the resume state (``checkpoint-last.pt``) stays beside them."""
+    what later stages read; the resume state (``checkpoint-last.pt``) is deleted once they are written."""
     from .engine.engine_pretrain import pretrain
 
     dataset = merged(params, sections).get("dataset", "imagenet")
@@ -195,6 +214,7 @@ def pretrain_stage(params: Params, sections: Sequence[str], variant: str, run_di
         extra["knn_top1"] = knn[-1]  # the online k-NN of the last epoch
     write_metrics(metrics_path, {"train_loss": history[-1]["train_loss"], "epochs": len(history),
                                  "steps": history[-1]["step"], "run_id": result["run_id"], "seed": cfg.seed, **extra})
+    drop_resume_state(cfg.output_dir)
     return result
 
 
@@ -220,6 +240,7 @@ def finetune_stage(params: Params, sections: Sequence[str], stage: str, variant:
                                  "n_val": result["n_val"], "model": cfg.model, "epochs": cfg.epochs,
                                  "img_size": input_size(cfg), "seed": cfg.seed,
                                  "model_kwargs": dict(cfg.model_kwargs)})
+    drop_resume_state(cfg.output_dir)
     return result
 
 

@@ -176,6 +176,9 @@ def test_dvc_repro_smallest_path_then_nothing_to_do(reproduced):
         assert f"Running stage '{stage}'" in first.stdout, shown(first)
     assert (copy / "metrics" / "finetune_imagenet_s0.json").is_file(), shown(first)
     assert (copy / "metrics" / "pretrain_s0.json").is_file() and (copy / "dvc.lock").is_file()
+    # finished stages keep their outs and delete their resume state
+    assert (copy / "runs" / "pretrain" / "s0" / "pretrain.pt").is_file()
+    assert not list(copy.glob("runs/**/checkpoint-last.pt")), sorted(copy.glob("runs/**/*"))
     # Only the asked-for path ran: the other finetuning datasets were dropped, scratch not run.
     assert not (copy / "metrics" / "scratch_imagenet_s0.json").exists()
 

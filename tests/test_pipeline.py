@@ -14,7 +14,11 @@ from mlflow import MlflowClient
 
 from mixmim.data.builtin import write_imagenet
 from mixmim.engine.config import ConfigError
-from mixmim.pipeline import GROUP_STAGE, PARENT_RUN_ENV, finetune_stage, load_params, pretrain_stage
+from mixmim.checkpoint import load_file
+from mixmim.engine.loop import KILL_AT_STEP_ENV, RUN_ID_KEY
+from mixmim.pipeline import (
+    GROUP_STAGE, PARENT_RUN_ENV, drop_resume_state, finetune_stage, load_params, pretrain_stage,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +60,9 @@ def test_stages_write_metrics_plots_and_lineage(folder, monkeypatch):
     hits = sum(p == y for p, y in zip(records["pred"], records["label"]))
     assert 100.0 * hits / records["n_val"] == pytest.approx(metrics["top1"])
     assert (folder / "p" / "pre.csv").read_text().splitlines()[0] == "epoch,train_loss"
+    # a finished stage keeps its weights and run reference and deletes its resume state
+    assert sorted(p.name for p in (folder / "runs" / "pre").iterdir()) == ["mlflow_run.json", "pretrain.pt"]
+    assert sorted(p.name for p in (folder / "runs" / "ft").iterdir()) == ["finetune.pt", "mlflow_run.json"]
     assert (folder / "p" / "ft.csv").read_text().startswith("epoch,train_loss,val_top1")
 
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
@@ -144,6 +151,36 @@ def test_a_corrupt_image_ends_the_stage_with_one_line(tmp_path):
         [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("pipeline-tests").experiment_id],
         "attributes.run_name = 'pretrain/default/s0'")[0]
     assert run.info.status == "FAILED"
+
+
+def test_a_killed_stage_keeps_its_resume_state_and_deletes_it_when_done(tmp_path):
+    """Killed mid-run, the stage leaves its checkpoint (and no metrics); run again, it resumes from
+    it, finishes, and only then deletes it."""
+    write_imagenet(tmp_path / "data" / "imagenet", seed=0, image_size=64, num_classes=2, train_per_class=8,
+                   val_per_class=1)
+    write_params(tmp_path, pretrain={"model": "mixmim_nano", "dataset": "imagenet", "epochs": 2, "warmup_epochs": 0,
+                                     "batch_size": 8, "num_workers": 0, "progress": False})
+    killed = subprocess.run([sys.executable, str(REPO / "stages" / "pretrain.py"), *PRETRAIN_ARGS],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "MIXMIM_PARENT_RUN_ID": "", KILL_AT_STEP_ENV: "3"})
+    assert killed.returncode == -9, killed.stderr  # SIGKILLed after step 3, in the second of 2 epochs of 2 steps
+    checkpoint = tmp_path / "runs" / "pre" / "checkpoint-last.pt"
+    assert checkpoint.is_file() and not (tmp_path / "m.json").exists()
+    saved = load_file(checkpoint)
+    assert saved["position"]["epoch"] == 1  # the first epoch's end
+    done = _stage("pretrain.py", *PRETRAIN_ARGS, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 4 and metrics["run_id"] == saved["extra"][RUN_ID_KEY]  # resumed: the same MLflow run
+    assert (tmp_path / "runs" / "pre" / "pretrain.pt").is_file() and not checkpoint.exists()
+
+
+def test_drop_resume_state(tmp_path):
+    assert drop_resume_state(tmp_path) is False  # nothing to delete: no error
+    (tmp_path / "checkpoint-last.pt").write_bytes(b"state")
+    (tmp_path / "pretrain.pt").write_bytes(b"weights")
+    assert drop_resume_state(tmp_path) is True
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrain.pt"]
 
 
 def test_missing_dataset_root_is_named(tmp_path):
