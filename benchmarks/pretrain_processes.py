@@ -90,9 +90,10 @@ def run(layout: str, procs: int, batch: int, steps: int, tmp: Path, tag: str, pa
             jobs.append(([sys.executable, *script], store, metrics))
     running = [subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for cmd, _, _ in jobs]
-    for proc, (cmd, _, _) in zip(running, jobs):
-        if proc.wait() != 0:
-            raise SystemExit(f"{' '.join(cmd)} exited with status {proc.returncode}")
+    codes = [proc.wait() for proc in running]  # all of them, so none outlives the temporary folder
+    for code, (cmd, _, _) in zip(codes, jobs):
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited with status {code}")
     rates = [window_rates(store, json.loads(metrics.read_text())["run_id"]) for _, store, metrics in jobs]
     if len(rates) == 1:
         return rates[0]
