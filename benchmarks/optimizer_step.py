@@ -2,12 +2,12 @@
 multi-tensor (``foreach``) and fused implementations, on a model's real parameter groups.
 
 Why: in a MixMIM-B pretraining step on the 2-core development machine the AdamW update alone took
-0.19-0.24 s (``step_floor.py``, tenth session, benchmarks/SESSIONS.md), against steps of 3.3-3.6 s. ``build_adamw`` (mixmim/engine/optim.py) leaves
-``foreach`` and ``fused`` unset, so on the CPU PyTorch runs its per-parameter loop (it defaults to
-the multi-tensor kernels only on accelerators). This script measures what the other two would
-give, and whether they compute the same numbers: a variant that is faster but not bit-identical
-would change every recorded result, so it cannot replace the default without rerunning the
-pipelines.
+0.19-0.24 s (``step_floor.py``, tenth session, benchmarks/SESSIONS.md), against steps of 3.3-3.6 s.
+``build_adamw`` (mixmim/engine/optim.py) leaves ``foreach`` and ``fused`` unset, so on the CPU
+PyTorch runs its per-parameter loop (it defaults to the multi-tensor kernels only on accelerators).
+This script measures what the other two would give, and whether they compute the same numbers: a
+variant that is faster but not bit-identical would change every recorded result, so it cannot
+replace the default without rerunning the pipelines.
 
 Every variant updates its own copy of the parameters, with the groups ``build_adamw`` makes
 (weight decay off for norms, biases and the model's listed tables) and the same gradients. Each

@@ -124,17 +124,17 @@ def by_run(run_medians: list[float], threshold: float) -> RunLevel:
     interval and a one-sided t-test against ``threshold``, all on log ratios (needs two runs or more)."""
     from scipy import stats  # noqa: PLC0415
 
+    from mixmim.stats import t_interval  # noqa: PLC0415
+
     if len(run_medians) < 2:
         raise ValueError(f"{len(run_medians)} run(s): a run-level interval needs at least 2")
     logs = [math.log(r) for r in run_medians]
-    mean, sem = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-    if sem == 0:
-        lo = hi = mean
-        p = 0.0 if mean > math.log(threshold) else 1.0
+    ci = t_interval(logs, unit="runs")
+    if ci.low == ci.high:  # identical runs: the t statistic is undefined
+        p = 0.0 if ci.value > math.log(threshold) else 1.0
     else:
-        lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=mean, scale=sem)
         p = float(stats.ttest_1samp(logs, math.log(threshold), alternative="greater").pvalue)
-    return RunLevel(len(logs), math.exp(mean), (math.exp(lo), math.exp(hi)), p)
+    return RunLevel(len(logs), math.exp(ci.value), (math.exp(ci.low), math.exp(ci.high)), p)
 
 
 def run_level_line(r: RunLevel, threshold: float) -> str:
