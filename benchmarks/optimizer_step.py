@@ -7,7 +7,10 @@ Why: in a MixMIM-B pretraining step on the 2-core development machine the AdamW 
 PyTorch runs its per-parameter loop (it defaults to the multi-tensor kernels only on accelerators).
 This script measures what the other two would give, and whether they compute the same numbers: a
 variant that is faster but not bit-identical would change every recorded result, so it cannot
-replace the default without rerunning the pipelines.
+replace the default without rerunning the pipelines. A fourth variant, ``chunked``, is the default's
+own sequence of element-wise operations run over one slice of a parameter at a time (``CHUNK``
+elements), so that the slice stays in cache between the operations, with one reused buffer for the
+denominator: the same operations on the same elements, so it can be bit-identical.
 
 Every variant updates its own copy of the parameters, with the groups ``build_adamw`` makes
 (weight decay off for norms, biases and the model's listed tables) and the same gradients. Each
@@ -38,7 +41,64 @@ from mixmim.engine.optim import build_adamw  # noqa: E402
 from mixmim.models import build_pretrainer  # noqa: E402
 from mixmim.models.registry import MODEL_SIZES  # noqa: E402
 
-VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "chunked": {}}
+
+#: Elements per slice of the ``chunked`` variant (2 MiB of fp32 per tensor; four tensors are touched).
+CHUNK = 1 << 19
+
+
+class ChunkedAdamW(torch.optim.AdamW):
+    """PyTorch's per-parameter AdamW update (``_single_tensor_adam`` with decoupled weight decay,
+    as the engine runs it on the CPU), its element-wise operations applied slice by slice.
+
+    Only the engine's configuration: no amsgrad, maximize, capturable or differentiable."""
+
+    def __init__(self, params, chunk: int = CHUNK, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        for option in ("amsgrad", "maximize", "capturable", "differentiable"):
+            if any(g[option] for g in self.param_groups):
+                raise ValueError(f"ChunkedAdamW: {option}=True is not the engine's update; expected it off")
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk}: expected at least 1 element")
+        self.chunk = chunk
+        self._denom = torch.empty(0)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002  (the engine passes none)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # as torch.optim.AdamW initialises it
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()
+                step_size = lr / (1 - beta1**step)
+                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if not all(t.is_contiguous() for t in tensors):
+                    raise ValueError(f"ChunkedAdamW: a parameter of shape {tuple(p.shape)} or its gradient "
+                                     "is not contiguous; expected contiguous tensors (slices of the flat view)")
+                flat = [t.view(-1) for t in tensors]
+                n = flat[0].numel()
+                if self._denom.numel() < min(n, self.chunk):
+                    self._denom = torch.empty(min(n, self.chunk))
+                for start in range(0, n, self.chunk):
+                    end = min(start + self.chunk, n)
+                    param, grad, exp_avg, exp_avg_sq = (t[start:end] for t in flat)
+                    denom = self._denom[:end - start]
+                    if wd != 0:
+                        param.mul_(1 - lr * wd)
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    torch.sqrt(exp_avg_sq, out=denom)
+                    denom.div_(bias_correction2_sqrt).add_(eps)
+                    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def engine_groups(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -62,6 +122,8 @@ def gradients(groups: list[dict], seed: int) -> list[torch.Tensor]:
 def make_optimizer(groups: list[dict], betas: tuple[float, float], variant: str) -> torch.optim.AdamW:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if variant == "chunked":
+        return ChunkedAdamW(groups, betas=betas)
     return torch.optim.AdamW(groups, betas=betas, **VARIANTS[variant])
 
 

@@ -38,17 +38,47 @@ def test_clones_hold_the_same_values_in_separate_tensors():
     assert not same and diff == pytest.approx(1.0)
 
 
-def test_the_multi_tensor_kernel_matches_the_default_bit_for_bit_and_the_check_can_fail():
-    base = optimizer_step.engine_groups(_model(), 1e-3, 0.05, (0.9, 0.95))
-    runs = {v: optimizer_step.clone_groups(base) for v in ("default", "foreach")}
-    opts = {v: optimizer_step.make_optimizer(g, (0.9, 0.95), v) for v, g in runs.items()}
+def _three_updates(base: list[dict], runs: dict[str, list[dict]], opts: dict[str, torch.optim.Optimizer]) -> None:
+    """Three updates of every run, each with the same gradients."""
     for step in range(3):
         grads = optimizer_step.gradients(base, seed=step)
         for v in runs:
             optimizer_step.set_grads(runs[v], grads)
             opts[v].step()
+
+
+def test_the_multi_tensor_kernel_matches_the_default_bit_for_bit_and_the_check_can_fail():
+    base = optimizer_step.engine_groups(_model(), 1e-3, 0.05, (0.9, 0.95))
+    runs = {v: optimizer_step.clone_groups(base) for v in ("default", "foreach")}
+    opts = {v: optimizer_step.make_optimizer(g, (0.9, 0.95), v) for v, g in runs.items()}
+    _three_updates(base, runs, opts)
     assert optimizer_step.compare(runs["default"], runs["foreach"])[0]
     assert not optimizer_step.compare(base, runs["default"])[0]  # the updates did move the parameters
+
+
+def test_the_chunked_update_matches_the_default_bit_for_bit_across_slice_boundaries():
+    base = optimizer_step.engine_groups(_model(), 1e-3, 0.05, (0.9, 0.95))
+    runs = {v: optimizer_step.clone_groups(base) for v in ("default", "chunked")}
+    opts = {"default": optimizer_step.make_optimizer(runs["default"], (0.9, 0.95), "default"),
+            # 7 elements a slice: every weight (128 and 64 elements) and most vectors span several slices
+            "chunked": optimizer_step.ChunkedAdamW(runs["chunked"], chunk=7, betas=(0.9, 0.95))}
+    _three_updates(base, runs, opts)
+    assert optimizer_step.compare(runs["default"], runs["chunked"])[0]
+    assert not optimizer_step.compare(base, runs["chunked"])[0]
+    first = [p for g in runs["chunked"] for p in g["params"]][0]
+    assert opts["chunked"].state[first]["step"].item() == 3.0
+
+
+def test_the_chunked_update_refuses_what_it_does_not_implement():
+    params = [nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        optimizer_step.ChunkedAdamW(params, amsgrad=True)
+    with pytest.raises(ValueError, match="chunk=0"):
+        optimizer_step.ChunkedAdamW(params, chunk=0)
+    opt = optimizer_step.ChunkedAdamW([w := nn.Parameter(torch.zeros(3, 4))])
+    w.grad = torch.ones(4, 3).t()
+    with pytest.raises(ValueError, match=r"shape \(3, 4\).*not contiguous"):
+        opt.step()
 
 
 def test_an_unknown_variant_is_refused_by_name():
@@ -66,6 +96,7 @@ def test_a_run_prints_every_variant_and_the_bit_identity_check(capsys):
     out = capsys.readouterr().out
     assert "foreach after 1 updates: bit-identical to the default" in out
     assert "fused after 1 updates:" in out
-    for variant in ("default", "foreach", "fused"):
+    assert "chunked after 1 updates: bit-identical to the default" in out
+    for variant in ("default", "foreach", "fused", "chunked"):
         assert f"{variant}: update " in out and "n = 2 rounds" in out
     assert "default / fused:" in out
