@@ -29,6 +29,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,8 +41,6 @@ from vs_original import bootstrap_median_ci, machine  # noqa: E402  (sibling ben
 from mixmim.engine.optim import build_adamw  # noqa: E402
 from mixmim.models import build_pretrainer  # noqa: E402
 from mixmim.models.registry import MODEL_SIZES  # noqa: E402
-
-VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "chunked": {}}
 
 #: Elements per slice of the ``chunked`` variant (2 MiB of fp32 per tensor; four tensors are touched).
 CHUNK = 1 << 19
@@ -101,6 +100,11 @@ class ChunkedAdamW(torch.optim.AdamW):
                     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+#: Each variant's optimizer class, called as ``VARIANTS[name](groups, betas=betas)``.
+VARIANTS = {"default": torch.optim.AdamW, "foreach": partial(torch.optim.AdamW, foreach=True),
+            "fused": partial(torch.optim.AdamW, fused=True), "chunked": ChunkedAdamW}
+
+
 def engine_groups(model: torch.nn.Module, lr: float, weight_decay: float,
                   betas: tuple[float, float]) -> list[dict]:
     """The parameter groups of the engine's optimizer (``build_adamw``), as (params, lr, weight_decay)."""
@@ -120,11 +124,10 @@ def gradients(groups: list[dict], seed: int) -> list[torch.Tensor]:
 
 
 def make_optimizer(groups: list[dict], betas: tuple[float, float], variant: str) -> torch.optim.AdamW:
+    """The named variant's optimizer over ``groups`` (unknown names refused)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    if variant == "chunked":
-        return ChunkedAdamW(groups, betas=betas)
-    return torch.optim.AdamW(groups, betas=betas, **VARIANTS[variant])
+    return VARIANTS[variant](groups, betas=betas)
 
 
 def set_grads(groups: list[dict], grads: list[torch.Tensor]) -> None:
