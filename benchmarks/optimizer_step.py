@@ -8,9 +8,10 @@ PyTorch runs its per-parameter loop (it defaults to the multi-tensor kernels onl
 This script measures what the other two would give, and whether they compute the same numbers: a
 variant that is faster but not bit-identical would change every recorded result, so it cannot
 replace the default without rerunning the pipelines. A fourth variant, ``chunked``, is the default's
-own sequence of element-wise operations run over one slice of a parameter at a time (``CHUNK``
-elements), so that the slice stays in cache between the operations, with one reused buffer for the
-denominator: the same operations on the same elements, so it can be bit-identical.
+own sequence of element-wise operations run over one slice of a parameter at a time (``--chunk``
+elements, default ``CHUNK``), so that the slice stays in cache between the operations, with one
+reused buffer for the denominator: the same operations on the same elements, so it can be
+bit-identical. Smaller slices fit a smaller cache but pay PyTorch's per-operation overhead more often.
 
 Every variant updates its own copy of the parameters, with the groups ``build_adamw`` makes
 (weight decay off for norms, biases and the model's listed tables) and the same gradients. Each
@@ -21,6 +22,7 @@ updates from equal starting points, whether each variant's parameters equal the 
 bit (else the largest difference).
 
     python benchmarks/optimizer_step.py --model mixmim_base --rounds 8
+    python benchmarks/optimizer_step.py --model mixmim_base --rounds 8 --chunk 65536
 """
 
 from __future__ import annotations
@@ -123,11 +125,12 @@ def gradients(groups: list[dict], seed: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=gen) * 1e-3 for g in groups for p in g["params"]]
 
 
-def make_optimizer(groups: list[dict], betas: tuple[float, float], variant: str) -> torch.optim.AdamW:
-    """The named variant's optimizer over ``groups`` (unknown names refused)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    return VARIANTS[variant](groups, betas=betas)
+def make_optimizer(groups: list[dict], betas: tuple[float, float], variant: str,
+                   variants: dict = VARIANTS) -> torch.optim.AdamW:
+    """The named variant's optimizer over ``groups`` (names not in ``variants`` refused)."""
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(variants)}")
+    return variants[variant](groups, betas=betas)
 
 
 def set_grads(groups: list[dict], grads: list[torch.Tensor]) -> None:
@@ -151,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed updates per variant per round")
     parser.add_argument("--check-steps", type=int, default=3, help="updates before the bit-identity check")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--chunk", type=int, default=CHUNK,
+                        help=f"elements per slice of the chunked variant (default {CHUNK}: 2 MiB of fp32)")
     args = parser.parse_args(argv)
-    for name in ("rounds", "steps", "check_steps"):
+    for name in ("rounds", "steps", "check_steps", "chunk"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: expected at least 1")
     if args.threads is not None:
@@ -167,24 +172,26 @@ def main(argv: list[str] | None = None) -> None:
     n_tensors = sum(len(g["params"]) for g in base)
     print(f"machine: {machine()}")
     print(f"{args.model}: {n_tensors} parameter tensors, {n_params / 1e6:.1f} M parameters, "
-          f"{len(base)} groups (build_adamw); {args.rounds} rounds of {args.steps} timed updates per variant")
+          f"{len(base)} groups (build_adamw); {args.rounds} rounds of {args.steps} timed updates per variant; "
+          f"chunked: {args.chunk} elements per slice")
+    variants = {**VARIANTS, "chunked": partial(ChunkedAdamW, chunk=args.chunk)}
 
     # Bit-identity: every variant from the same start with the same gradients. These updates also
     # create each optimizer's state, so the timed updates that follow (on the last gradients) are
     # steady-state ones.
-    groups = {v: clone_groups(base) for v in VARIANTS}
-    opts = {v: make_optimizer(groups[v], betas, v) for v in VARIANTS}
+    groups = {v: clone_groups(base) for v in variants}
+    opts = {v: make_optimizer(groups[v], betas, v, variants) for v in variants}
     for step in range(args.check_steps):
         grads = gradients(base, seed=step)
-        for v in VARIANTS:
+        for v in variants:
             set_grads(groups[v], grads)
             opts[v].step()
-    for v in VARIANTS:
+    for v in variants:
         if v != "default":
             same, diff = compare(groups["default"], groups[v])
             print(f"{v} after {args.check_steps} updates: " + ("bit-identical to the default" if same
                   else f"differs from the default, largest absolute difference {diff:.3g}"))
-    names = list(VARIANTS)
+    names = list(variants)
     times: dict[str, list[float]] = {v: [] for v in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]

@@ -89,11 +89,15 @@ def test_an_unknown_variant_is_refused_by_name():
 def test_counts_below_one_are_refused():
     with pytest.raises(SystemExit, match="--rounds=0"):
         optimizer_step.main(["--model", "mixmim_nano", "--rounds", "0"])
+    with pytest.raises(SystemExit, match="--chunk=0"):
+        optimizer_step.main(["--model", "mixmim_nano", "--chunk", "0"])
 
 
 def test_a_run_prints_every_variant_and_the_bit_identity_check(capsys):
-    optimizer_step.main(["--model", "mixmim_nano", "--rounds", "2", "--steps", "1", "--check-steps", "1"])
+    optimizer_step.main(["--model", "mixmim_nano", "--rounds", "2", "--steps", "1", "--check-steps", "1",
+                         "--chunk", "1000"])
     out = capsys.readouterr().out
+    assert "chunked: 1000 elements per slice" in out
     assert "foreach after 1 updates: bit-identical to the default" in out
     assert "fused after 1 updates:" in out
     assert "chunked after 1 updates: bit-identical to the default" in out
