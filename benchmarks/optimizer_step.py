@@ -31,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def gradients(groups: list[dict], seed: int) -> list[torch.Tensor]:
 
 
 def make_optimizer(groups: list[dict], betas: tuple[float, float], variant: str,
-                   variants: dict = VARIANTS) -> torch.optim.AdamW:
+                   variants: Mapping[str, Callable[..., torch.optim.AdamW]] = VARIANTS) -> torch.optim.AdamW:
     """The named variant's optimizer over ``groups`` (names not in ``variants`` refused)."""
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(variants)}")
