@@ -1,4 +1,5 @@
-"""Steady-state A/B, in one process, of variants of the oneDNN linear backward (AMD route).
+"""Steady-state A/B, in one process, of variants of the CPU training path: the oneDNN linear
+backward (AMD route) and the segmented window attention node.
 
 On the AMD development machine a profiled step (``profile_step.py --only ours --shapes``) shows
 its largest operator after the products inside the weight gradients of the linear layers:
@@ -22,16 +23,27 @@ changes, each tried here against the code as it is, with the same model, weights
   computes the transposed weight gradient, which is then copied into the weight's layout. On the
   shapes tried, oneDNN's result equals the model's bit for bit (checked here on every gradient).
 
+- ``segment-block-layout`` (eighteenth session, both routes): the segmented attention node
+  (``_SegmentAttention``) with its layout copies made once per block instead of once per segment:
+  q is scaled into one (B, heads, L, d) buffer and k, v copied into one (2, B, heads, L, d)
+  buffer, each segment's operands being views of them, and the output gradient is laid out once
+  per block the same way. The model copies q twice per segment (the scaled product keeps the
+  strided layout, then the reshape copies it) and k, v and the output gradient once each; the
+  variant writes q once and makes the other copies in one piece per block. The backward reads
+  the segments' views of the saved buffers. Bit-identical.
+
 ``--copy-times`` instead times, by the wall clock inside ordinary steps, each weight gradient's
 transposed copy and its product, by shape (what the profiler's table could not be trusted for).
 
 Each round times one step of each side, order alternating, and every timed step follows an
 untimed step of the same side (as in ``vs_original.py --steady``); the figure is the median
 of per-round ratios (current / variant, above 1 means the variant is faster) with a 95%
-bootstrap interval. The variants only touch the oneDNN route, so the script refuses to run
-where the CPU backend is the BLAS (Intel CPUs unless ``MIXMIM_CPU_LINEAR=onednn``).
+bootstrap interval. The linear-backward variants (and ``--copy-times``) only touch the oneDNN
+route, so for them the script refuses to run where the CPU backend is the BLAS (Intel CPUs unless
+``MIXMIM_CPU_LINEAR=onednn``); ``segment-block-layout`` runs on either route.
 
     python benchmarks/backward_variants_ab.py --variant copy-workspace --rounds 10
+    python benchmarks/backward_variants_ab.py --variant segment-block-layout --rounds 20
 """
 
 from __future__ import annotations
@@ -128,14 +140,78 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2
 
 
+class _BlockLayoutSegmentAttention(torch.autograd.Function):
+    """The model's ``_SegmentAttention`` with one layout copy per block instead of per segment.
+
+    Same products, softmax, bias and table gradient, in the same order and on the same values:
+    ``q * scale`` is the same multiplication written into a (B, heads, L, d) buffer, and a segment's
+    (B*heads, n, d) operand is a strided view of such a buffer rather than a contiguous copy.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, table, heads, segments, index):
+        b, length, c3 = qkv.shape
+        d = c3 // 3 // heads
+        scale = d**-0.5
+        t = qkv.view(b, length, 3, heads, d)
+        q_all = qkv.new_empty(b, heads, length, d)
+        torch.mul(t[:, :, 0].transpose(1, 2), scale, out=q_all)
+        kv_all = t[:, :, 1:].permute(2, 0, 3, 1, 4).contiguous()  # (2, B, heads, L, d)
+        out = qkv.new_empty(b, length, heads, d)
+        table_t = table.t()
+        attns = []
+        for (start, end), idx in zip(segments, index, strict=True):
+            n = end - start
+            q = q_all[:, :, start:end].reshape(b * heads, n, d)  # views: B and heads merge
+            k = kv_all[0, :, :, start:end].reshape(b * heads, n, d)
+            v = kv_all[1, :, :, start:end].reshape(b * heads, n, d)
+            scores = torch.bmm(q, k.transpose(1, 2)).view(b, heads, n, n)
+            scores += table_t.index_select(1, idx).view(heads, n, n).to(scores.dtype)
+            attn = L._SOFTMAX_OUT(scores, -1, False, out=scores).view(b * heads, n, n)
+            out[:, start:end].copy_(torch.bmm(attn, v).view(b, heads, n, d).transpose(1, 2))
+            attns.append(attn)
+        ctx.save_for_backward(q_all, kv_all, *attns, *index)
+        ctx.meta = (b, length, heads, d, scale, table.shape, table.dtype, segments)
+        return out.view(b, length, heads * d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        b, length, heads, d, scale, table_shape, table_dtype, segments = ctx.meta
+        saved = ctx.saved_tensors
+        num = len(segments)
+        q_all, kv_all, attns, index = saved[0], saved[1], saved[2:2 + num], saved[2 + num:]
+        g_all = grad.view(b, length, heads, d).transpose(1, 2).contiguous()  # (B, heads, L, d)
+        gqkv = grad.new_empty(b, length, 3, heads, d)
+        gtable_t = grad.new_zeros(table_shape[1], table_shape[0], dtype=table_dtype)
+        for (start, end), idx, attn in zip(segments, index, attns, strict=True):
+            n = end - start
+            q = q_all[:, :, start:end].reshape(b * heads, n, d)
+            k = kv_all[0, :, :, start:end].reshape(b * heads, n, d)
+            v = kv_all[1, :, :, start:end].reshape(b * heads, n, d)
+            go = g_all[:, :, start:end].reshape(b * heads, n, d)
+            gattn = torch.bmm(go, v.transpose(1, 2))
+            gv = torch.bmm(attn.transpose(1, 2), go)
+            gs = L._SOFTMAX_BACKWARD_OUT(gattn, attn, -1, attn.dtype, grad_input=gattn)
+            gtable_t.index_add_(1, idx, gs.view(b, heads, n * n).sum(0).to(table_dtype))
+            gq = torch.bmm(gs, k).mul_(scale)
+            gk = torch.bmm(gs.transpose(1, 2), q)
+            dst = gqkv[:, start:end]
+            for j, part in enumerate((gq, gk, gv)):
+                dst[:, :, j].copy_(part.view(b, heads, n, d).transpose(1, 2))
+        return gqkv.view(b, length, 3 * heads * d), gtable_t.t(), None, None, None
+
+
 VARIANTS: dict[str, dict[str, object]] = {
     "mkl-weight-grad": {"_weight_grad": _mkl_weight_grad},
     "copy-workspace": {"_weight_grad": _workspace_weight_grad},
     "gelu-recompute": {"_OneDNNMlp": _RecomputeGeluMlp},
     "blocked-transpose": {"_weight_grad": _blocked_weight_grad},
     "narrow-copy": {"_weight_grad": _narrow_copy_weight_grad},
+    "segment-block-layout": {"_SegmentAttention": _BlockLayoutSegmentAttention},
 }
-BIT_IDENTICAL = {"copy-workspace", "gelu-recompute", "blocked-transpose", "narrow-copy"}
+BIT_IDENTICAL = {"copy-workspace", "gelu-recompute", "blocked-transpose", "narrow-copy", "segment-block-layout"}
+EITHER_ROUTE = {"segment-block-layout"}  # variants that do not go through the oneDNN linear route
 
 
 @contextlib.contextmanager
@@ -230,8 +306,9 @@ def main() -> None:
     a = p.parse_args()
     if (a.variant is None) == (not a.copy_times):
         p.error("give one of --variant NAME and --copy-times")
-    if L.CPU_LINEAR_BACKEND != "onednn":
-        raise SystemExit(f"the CPU linear backend here is {L.CPU_LINEAR_BACKEND!r}; these variants change the "
+    if L.CPU_LINEAR_BACKEND != "onednn" and a.variant not in EITHER_ROUTE:
+        what = f"--variant {a.variant}" if a.variant else "--copy-times"
+        raise SystemExit(f"the CPU linear backend here is {L.CPU_LINEAR_BACKEND!r}; {what} changes the "
                          "oneDNN route only (set MIXMIM_CPU_LINEAR=onednn to force it)")
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 224, 224)

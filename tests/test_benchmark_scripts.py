@@ -150,6 +150,17 @@ def test_backward_variants_compute_the_same_gradients(onednn_everywhere, monkeyp
         assert calls  # (the MLP class of gelu-recompute is checked in the next test)
 
 
+def _node_names(loss: torch.Tensor) -> set[str]:
+    """Class names of every autograd node behind ``loss``."""
+    seen, todo = {}, [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            todo += [n for n, _ in node.next_functions]
+    return set(seen.values())
+
+
 def test_backward_variants_take_effect_and_are_undone(onednn_everywhere):
     from mixmim.models import layers
 
@@ -158,19 +169,36 @@ def test_backward_variants_take_effect_and_are_undone(onednn_everywhere):
     x = torch.randn(2, 3, 64, 64)
     original = layers._OneDNNMlp
     with variants_ab.variant("gelu-recompute"):
-        loss = model(x).loss
-        seen, todo = {}, [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is not None and id(node) not in seen:
-                seen[id(node)] = type(node).__name__
-                todo += [n for n, _ in node.next_functions]
-        names = set(seen.values())
+        names = _node_names(model(x).loss)
     assert "_RecomputeGeluMlpBackward" in names and "_OneDNNMlpBackward" not in names
     assert layers._OneDNNMlp is original
     with pytest.raises(ValueError, match="expected one of"):
         with variants_ab.variant("no-such-variant"):
             pass
+
+
+def test_segment_block_layout_replaces_the_node_on_the_blas_route_too():
+    from mixmim.models import layers
+
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with variants_ab.variant("segment-block-layout"):
+        names = _node_names(model(x).loss)
+    assert "_BlockLayoutSegmentAttentionBackward" in names and "_SegmentAttentionBackward" not in names
+    assert "_SegmentAttentionBackward" in _node_names(model(x).loss)
+    assert variants_ab.max_difference("segment-block-layout", model, x) == 0.0
+    assert "segment-block-layout" in variants_ab.EITHER_ROUTE and layers._SegmentAttention.__name__ == "_SegmentAttention"
+
+
+def test_onednn_variants_are_refused_on_the_blas_route(monkeypatch):
+    from mixmim.models import layers
+
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "blas")
+    for argv, what in ((["--variant", "copy-workspace"], "--variant copy-workspace"), (["--copy-times"], "--copy-times")):
+        monkeypatch.setattr("sys.argv", ["backward_variants_ab.py", *argv])
+        with pytest.raises(SystemExit, match=f"backend here is 'blas'; {what} changes the oneDNN route only"):
+            variants_ab.main()
 
 
 def test_ab_alternates_and_times_each_side_under_its_own_code():
