@@ -22,6 +22,16 @@ median ratio): their geometric mean with a Student t 95% interval and a one-side
 mean above the threshold, on log ratios. Rounds within a run are not independent of each other
 when runs differ (on the development machine two runs started 45 minutes apart gave 1.17x and
 1.32x), so where the two disagree the run-level line is the one to read.
+
+``--against LOG...`` compares the pooled runs with a second set measured on the same machine
+under another setting (for instance ``vs_original.py --ours-adamw fused`` against the default):
+the ratio of the two pooled median speed-ups with a 95% bootstrap interval (each set resampled
+apart), a two-sided Mann-Whitney U test on the rounds' log ratios, and the same for each side's
+step time. A setting that changes our side only should leave the original's step times alone,
+so that line is the control.
+
+    python benchmarks/pool_runs.py benchmarks/logs/intel-s18-processes-fused-*.txt \
+        --against benchmarks/logs/intel-s18-processes-loop-*.txt
 """
 
 from __future__ import annotations
@@ -147,6 +157,36 @@ def line(label: str, s: Summary, threshold: float) -> str:
             f"{s.at_or_above} of {s.n} at or above {threshold}x; median > {threshold}x: Wilcoxon p = {s.p_above:.3g}")
 
 
+@dataclass(frozen=True)
+class Contrast:
+    ratio: float  # median of the first set over the median of the second
+    ci: tuple[float, float]
+    p: float  # two-sided Mann-Whitney U p, on logs
+    n: tuple[int, int]
+
+
+def contrast(a: list[float], b: list[float], reps: int = 4000, seed: int = 0) -> Contrast:
+    """Median of ``a`` over median of ``b``: a 95% bootstrap interval resampling each set apart, and
+    a two-sided Mann-Whitney U test of the two sets (on logs, so ratios below and above 1 weigh alike)."""
+    import random  # noqa: PLC0415
+
+    from scipy.stats import mannwhitneyu  # noqa: PLC0415
+
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"{len(a)} and {len(b)} rounds; a contrast needs at least 2 in each set")
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+                  for _ in range(reps))
+    p = float(mannwhitneyu([math.log(v) for v in a], [math.log(v) for v in b], alternative="two-sided").pvalue)
+    return Contrast(statistics.median(a) / statistics.median(b), (boot[int(0.025 * reps)], boot[int(0.975 * reps) - 1]),
+                    p, (len(a), len(b)))
+
+
+def contrast_line(label: str, c: Contrast) -> str:
+    return (f"{label}: {c.ratio:.3f} (95% CI {c.ci[0]:.3f}-{c.ci[1]:.3f}, n = {c.n[0]} and {c.n[1]} rounds); "
+            f"Mann-Whitney U p = {c.p:.3g}")
+
+
 def session_of(path: Path) -> str:
     """The file name up to its second '-' (``amd-s10-steady-1.txt`` -> ``amd-s10``)."""
     return "-".join(path.name.split("-")[:2])
@@ -157,6 +197,8 @@ def main() -> None:
     p.add_argument("logs", type=Path, nargs="+", help="saved outputs of vs_original.py, one run each")
     p.add_argument("--threshold", type=float, default=1.3)
     p.add_argument("--by-session", action="store_true", help="also pool the runs of each file-name prefix apart")
+    p.add_argument("--against", type=Path, nargs="+", metavar="LOG",
+                   help="a second set of runs, same machine, another setting: compare the two pools")
     args = p.parse_args()
     if args.threshold <= 0:
         raise ValueError(f"--threshold {args.threshold}; expected a positive speed-up")
@@ -177,6 +219,27 @@ def main() -> None:
     print(line(f"pooled, {len(runs)} runs", summarise(pooled, args.threshold), args.threshold))
     if len(runs) >= 2:
         print(run_level_line(by_run([statistics.median(run.ratios) for run in runs], args.threshold), args.threshold))
+    if args.against:
+        print(against_lines(runs, [parse_run(path) for path in args.against]))
+
+
+def against_lines(runs: list[Run], others: list[Run]) -> str:
+    """The pooled ``runs`` against the pooled ``others`` (same machine, each set poolable in itself):
+    speed-up, then each side's step time, each as first set / second set."""
+    check_poolable(others)
+    if others[0].machine != runs[0].machine:
+        raise ValueError(f"{others[0].path} ran on another machine: {others[0].machine!r}; expected {runs[0].machine!r}")
+
+    def pool(group: list[Run]) -> dict[str, list[float]]:
+        return {k: [v for run in group for v in getattr(run, k)] for k in ("ratios", "ours", "original")}
+
+    first, second = pool(runs), pool(others)
+    return "\n".join([
+        f"against: {len(others)} runs, settings: {others[0].protocol}",
+        contrast_line("speed-up, these runs / those", contrast(first["ratios"], second["ratios"])),
+        contrast_line("our step, these / those", contrast(first["ours"], second["ours"])),
+        contrast_line("the original's step, these / those", contrast(first["original"], second["original"])),
+    ])
 
 
 if __name__ == "__main__":

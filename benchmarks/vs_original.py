@@ -33,6 +33,13 @@ Pinning the thresholds removes the faults for both sides:
 
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 6 --precision fp32 --memory
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 12 --processes --warmup 2 --steps 5
+
+``--ours-adamw fused`` is a what-if, not the comparison: our side's optimizer becomes PyTorch's
+fused AdamW kernel (not bit-identical to its per-parameter loop, which the engine uses and the
+original's side keeps). It says what adopting that kernel would do to the speed-up; the
+settings line names it, so ``pool_runs.py`` never pools such a run with the others.
+
+    python benchmarks/vs_original.py /tmp/mixmim-original --rounds 12 --processes --ours-adamw fused
 """
 
 from __future__ import annotations
@@ -94,9 +101,12 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def make_step(model, loss_of, x, precision: str, clock=time.perf_counter, faults: list[int] | None = None):
-    """One timed training step; appends the step's minor page faults to ``faults`` when given."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_step(model, loss_of, x, precision: str, clock=time.perf_counter, faults: list[int] | None = None,
+              fused_adamw: bool = False):
+    """One timed training step; appends the step's minor page faults to ``faults`` when given.
+    ``fused_adamw``: PyTorch's fused AdamW kernel instead of its default (on the CPU, a loop over
+    the parameters)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if fused_adamw else None)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step(record: bool = True) -> float:
@@ -152,6 +162,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def fused_adamw_for(side: str, args) -> bool:
+    """Whether ``side`` steps with the fused AdamW kernel: ours under ``--ours-adamw fused`` only."""
+    return side == "ours" and getattr(args, "ours_adamw", "loop") == "fused"
+
+
+def adamw_note(args) -> str:
+    """What the settings line adds when ours does not step with the default AdamW."""
+    return ", ours with PyTorch's fused AdamW (what-if)" if fused_adamw_for("ours", args) else ""
+
+
 def run_alone(folder: Path, side: str, args, warmup: int, steps: int, env: dict[str, str] | None = None) -> dict:
     """One side in a fresh process (environment ``env``, default this one's): ``warmup`` untimed
     steps, then ``steps`` timed ones.
@@ -159,7 +179,7 @@ def run_alone(folder: Path, side: str, args, warmup: int, steps: int, env: dict[
     Returns what the child printed: its timed step seconds, minor faults per timed step and peak RSS (MiB)."""
     cmd = [sys.executable, __file__, str(folder), "--model", args.model, "--batch", str(args.batch),
            "--img-size", str(args.img_size), "--precision", args.precision, "--only", side,
-           "--warmup", str(warmup), "--steps", str(steps)]
+           "--warmup", str(warmup), "--steps", str(steps), "--ours-adamw", getattr(args, "ours_adamw", "loop")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
@@ -244,6 +264,9 @@ def main() -> None:
     parser.add_argument("--processes", action="store_true",
                         help="each round, run each side in a fresh process of its own (--warmup untimed, then "
                              "--steps timed steps; the round's figure is the process's median step)")
+    parser.add_argument("--ours-adamw", choices=["loop", "fused"], default="loop",
+                        help="what-if: our side's AdamW as PyTorch's fused kernel (not bit-identical; the engine "
+                             "and the original's side use the default loop)")
     parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_counts(args)
@@ -262,7 +285,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     clock = time.process_time if args.cpu_time else time.perf_counter
     faults: dict[str, list[int]] = {k: [] for k in sides}
-    steps = {k: make_step(m, f, x, args.precision, clock, faults[k]) for k, (m, f) in sides.items()}
+    steps = {k: make_step(m, f, x, args.precision, clock, faults[k], fused_adamw_for(k, args))
+             for k, (m, f) in sides.items()}
     for s in steps.values():  # warm-up round, not timed
         s()
     for v in faults.values():
@@ -279,7 +303,7 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds (+1 warm-up), "
           f"{'CPU' if args.cpu_time else 'wall'} time, "
           + ("each timed step after an untimed one of the same side (--steady)" if args.steady
-             else "each side's step right after the other side's (interleaved)"))
+             else "each side's step right after the other side's (interleaved)") + adamw_note(args))
     print("step seconds:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     print(rate_and_fault_lines(times, ratios, faults, args.batch))
     if args.rounds >= 4:
@@ -300,7 +324,7 @@ def main_alone(original, args) -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     faults: list[int] = []
-    step = make_step(model, loss_of, x, args.precision, faults=faults)
+    step = make_step(model, loss_of, x, args.precision, faults=faults, fused_adamw=fused_adamw_for(args.only, args))
     for _ in range(args.warmup):
         step(record=False)
     times = [step() for _ in range(args.steps)]
@@ -317,7 +341,7 @@ def main_processes(args) -> None:
     print(f"machine: {machine()}")
     print(f"{args.model}, batch {args.batch}, {args.img_size} px, {args.precision}, {args.rounds} rounds "
           f"(each side a fresh process per round: {args.warmup} untimed + {args.steps} timed steps), wall time, "
-          "the round's figure the process's median step (--processes)")
+          "the round's figure the process's median step (--processes)" + adamw_note(args))
     print("step seconds:", {k: [round(t, 3) for t in v] for k, v in times.items()})
     print("timed steps of each process:", {k: [[round(t, 2) for t in rep["step_s"]] for rep in reps]
                                            for k, reps in reports.items()})

@@ -116,3 +116,30 @@ def test_the_run_level_interval_counts_the_spread_between_runs():
 def test_one_run_has_no_run_level_interval():
     with pytest.raises(ValueError, match="1 run\\(s\\): a run-level interval needs at least 2"):
         pool_runs.by_run([1.3], 1.3)
+
+
+def test_a_contrast_reads_which_set_is_faster_and_resolves_only_a_real_shift():
+    slow, fast = [1.20, 1.18, 1.22, 1.19, 1.21, 1.17], [1.30, 1.31, 1.29, 1.32, 1.28, 1.30]
+    c = pool_runs.contrast(fast, slow)
+    assert c.ratio == pytest.approx(statistics.median(fast) / statistics.median(slow))
+    assert 1 < c.ci[0] <= c.ratio <= c.ci[1] and c.p < 0.01 and c.n == (6, 6)
+    same = pool_runs.contrast(slow, list(reversed(slow)))
+    assert same.ratio == 1.0 and same.ci[0] < 1 < same.ci[1] and same.p > 0.5
+    with pytest.raises(ValueError, match="at least 2 in each set"):
+        pool_runs.contrast([1.2], slow)
+
+
+def test_against_compares_two_pools_and_keeps_the_original_as_control(tmp_path, capsys, monkeypatch):
+    what_if = STEADY + ", ours with PyTorch's fused AdamW (what-if)"
+    a = [_log(tmp_path / f"f{i}.txt", [2.0, 2.1, 1.9], [2.6, 2.7, 2.6], settings=what_if) for i in range(2)]
+    b = [_log(tmp_path / f"l{i}.txt", [2.2, 2.3, 2.2], [2.6, 2.6, 2.7]) for i in range(2)]
+    monkeypatch.setattr("sys.argv", ["pool_runs.py", *map(str, a), "--against", *map(str, b)])
+    pool_runs.main()
+    out = capsys.readouterr().out
+    assert "against: 2 runs, settings: mixmim_base" in out and "fused" not in out.split("against:")[1].splitlines()[0]
+    lines = {ln.split(":")[0]: ln for ln in out.splitlines()}
+    assert lines["our step, these / those"].split(": ")[1].startswith(f"{2.0 / 2.2:.3f} (95% CI")
+    assert lines["the original's step, these / those"].split(": ")[1].startswith("1.000 (95% CI")
+    other = _log(tmp_path / "m.txt", [2.2, 2.3], [2.6, 2.6], machine="machine: Intel Xeon")
+    with pytest.raises(ValueError, match="ran on another machine"):
+        pool_runs.against_lines([pool_runs.parse_run(a[0])], [pool_runs.parse_run(other)])

@@ -79,6 +79,50 @@ def test_process_protocol_output_pools_with_each_process_median(monkeypatch, cap
         pool_runs.check_poolable([run, pool_runs.parse_run(steady)])
 
 
+def test_fused_adamw_what_if_is_ours_only_and_never_pools_with_the_comparison(monkeypatch, capsys, tmp_path):
+    fused = argparse.Namespace(**vars(_args(2)), ours_adamw="fused")
+    assert vs_original.fused_adamw_for("ours", fused) and not vs_original.fused_adamw_for("original", fused)
+    assert not vs_original.fused_adamw_for("ours", _args(2))  # env_ab's arguments have no such option
+    commands = []
+
+    def child(cmd, capture_output, text, env):
+        commands.append(cmd)
+        return argparse.Namespace(returncode=0, stdout='{"step_s": [1.0]}', stderr="")
+
+    monkeypatch.setattr(vs_original.subprocess, "run", child)
+    vs_original.run_alone(Path("/nowhere"), "ours", fused, warmup=1, steps=1)
+    vs_original.run_alone(Path("/nowhere"), "ours", _args(2), warmup=1, steps=1)
+    assert [c[c.index("--ours-adamw") + 1] for c in commands] == ["fused", "loop"]
+
+    runs = []
+    for name, args in (("loop", _args(2)), ("fused", fused)):
+        _fake_reports(monkeypatch, {"ours": [[3.0], [3.1]], "original": [[4.0], [4.1]]})
+        vs_original.main_processes(args)
+        log = tmp_path / f"{name}.txt"
+        log.write_text(capsys.readouterr().out)
+        runs.append(pool_runs.parse_run(log))
+    assert "fused AdamW (what-if)" in runs[1].protocol and "fused" not in runs[0].protocol
+    with pytest.raises(ValueError, match="not the same measurement"):
+        pool_runs.check_poolable(runs)
+
+
+def test_make_step_uses_the_fused_kernel_only_when_asked(monkeypatch):
+    built = []
+    real = vs_original.torch.optim.AdamW
+
+    def recording(params, **kw):
+        built.append(kw.get("fused"))
+        return real(params, **kw)
+
+    monkeypatch.setattr(vs_original.torch.optim, "AdamW", recording)
+    model = vs_original.torch.nn.Linear(3, 2)
+    for fused in (False, True):
+        step = vs_original.make_step(model, lambda m, x: m(x).sum(), vs_original.torch.randn(4, 3), "fp32",
+                                     fused_adamw=fused)
+        step()
+    assert built == [None, True]
+
+
 @pytest.mark.parametrize("flag", ["--steady", "--cpu-time", "--memory"])
 def test_process_protocol_refuses_other_protocols(monkeypatch, flag):
     monkeypatch.setattr("sys.argv", ["vs_original.py", "/nowhere", "--processes", flag])
