@@ -177,9 +177,10 @@ def test_backward_variants_take_effect_and_are_undone(onednn_everywhere):
             pass
 
 
-def test_segment_block_layout_replaces_the_node_on_the_blas_route_too():
+def test_segment_block_layout_replaces_the_node_on_the_blas_route_too(monkeypatch):
     from mixmim.models import layers
 
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "blas")  # the oneDNN route is the parametrized test's
     torch.manual_seed(0)
     model = build_pretrainer("mixmim_tiny", img_size=64)
     x = torch.randn(2, 3, 64, 64)
