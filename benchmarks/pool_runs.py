@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import random
 import statistics
 import sys
 from dataclasses import dataclass
@@ -168,8 +169,6 @@ class Contrast:
 def contrast(a: list[float], b: list[float], reps: int = 4000, seed: int = 0) -> Contrast:
     """Median of ``a`` over median of ``b``: a 95% bootstrap interval resampling each set apart, and
     a two-sided Mann-Whitney U test of the two sets (on logs, so ratios below and above 1 weigh alike)."""
-    import random  # noqa: PLC0415
-
     from scipy.stats import mannwhitneyu  # noqa: PLC0415
 
     if len(a) < 2 or len(b) < 2:
