@@ -208,6 +208,14 @@ def test_config_errors_name_the_key(data, match):
         from_mapping(PretrainConfig, data)
 
 
+@pytest.mark.parametrize("value", ["Fused", "foreach", True, 1])
+def test_adamw_kernel_names_the_choices(value):
+    with pytest.raises(ConfigError, match=r"adamw_kernel=.*expected one of 'default', 'fused'"):
+        from_mapping(FinetuneConfig, {"adamw_kernel": value})
+    with pytest.raises(ValueError, match=r"adamw_kernel=.*expected one of default, fused"):
+        build_adamw(build_classifier("mixmim_nano", num_classes=3), 1e-3, 0.05, (0.9, 0.95), kernel=value)
+
+
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("epochs: [1, 2\n")
@@ -277,6 +285,16 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(data_root, store, tmp_path):
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result["history"])
 
 
+def test_pretraining_with_the_fused_adamw_kernel(data_root, store, tmp_path):
+    """The config's ``adamw_kernel`` reaches the optimizer the engine trains and checkpoints with."""
+    out = tmp_path / "fused"
+    result = pretrain(pretrain_cfg(data_root, store, out, epochs=1, max_steps_per_epoch=2, adamw_kernel="fused"))
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result["history"])
+    state = load_file(out / "checkpoint-last.pt")
+    assert state["config"]["adamw_kernel"] == "fused"
+    assert all(group["fused"] is True for group in state["optimizer"]["param_groups"])
+
+
 def test_fp16_needs_a_gpu(data_root, store, tmp_path):
     from mixmim.engine.loop import autocast_dtype
 
@@ -284,6 +302,31 @@ def test_fp16_needs_a_gpu(data_root, store, tmp_path):
         autocast_dtype("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision='fp8'"):
         autocast_dtype("fp8", torch.device("cpu"))
+
+
+def test_adamw_kernels_agree_up_to_rounding():
+    """``fused`` builds PyTorch's fused kernel over the same groups; ``default`` leaves PyTorch's choice
+    (on the CPU its per-parameter loop). Three updates with the same gradients agree to rounding."""
+    torch.manual_seed(0)
+    model = build_classifier("mixmim_nano", num_classes=3)
+    twin = build_classifier("mixmim_nano", num_classes=3)
+    twin.load_state_dict(model.state_dict())
+    loop = build_adamw(model, 1e-3, 0.05, (0.9, 0.95), layer_decay=0.5)
+    fused = build_adamw(twin, 1e-3, 0.05, (0.9, 0.95), layer_decay=0.5, kernel="fused")
+    assert loop.defaults["fused"] is None and fused.defaults["fused"] is True
+    assert [g["lr_scale"] for g in loop.param_groups] == [g["lr_scale"] for g in fused.param_groups]
+    start = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        grads = [torch.randn_like(p, generator=torch.Generator().manual_seed(10 * step + i))
+                 for i, p in enumerate(model.parameters())]
+        for m in (model, twin):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        loop.step()
+        fused.step()
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), start))  # both kernels updated
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_scheduled_lr_applies_layer_decay_once():

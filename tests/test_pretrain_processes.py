@@ -52,6 +52,7 @@ def test_the_short_run_overrides_go_to_the_last_section_and_roots_become_absolut
 @pytest.mark.parametrize("argv, match", [
     (["--rounds", "1"], "--rounds 1: must be at least 2"),
     (["--layouts", "threads", "threads"], "name at least two different layouts"),
+    (["--layouts", "threads", "--adamw-kernels", "fused", "fused"], "or two AdamW kernels, to compare"),
     (["--batch", "15"], "--batch 15 is not divisible by --procs 2"),
     (["--params", "nowhere.yaml"], "--params nowhere.yaml: no such file"),
 ])
@@ -68,3 +69,14 @@ def test_threads_against_streams_prints_both_rates_and_a_ratio(tmp_path, capsys)
     assert "round 1 streams: median" in out and "round 1 threads: median" in out
     assert "2 one-thread runs side by side / 1 process x 2 threads, per round" in out
     assert "95% CI" in out
+
+
+def test_one_layout_under_two_adamw_kernels(tmp_path, capsys):
+    params = _params(tmp_path)
+    script, _, _ = pretrain_processes.stage_command(params, ["pretrain"], 7, 4, tmp_path, "k", "fused")
+    assert yaml.safe_load((tmp_path / "params_k.yaml").read_text())["pretrain"]["adamw_kernel"] == "fused"
+    pretrain_processes.main(["--params", str(params), "--layouts", "threads", "--adamw-kernels", "default", "fused",
+                             "--batch", "4", "--steps", "20", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "round 1 threads fused: median" in out and "round 1 threads default: median" in out
+    assert "1 process x 2 threads, AdamW fused / 1 process x 2 threads, AdamW default, per round" in out

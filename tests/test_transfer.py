@@ -167,6 +167,17 @@ def test_layer_decay_groups():
     torch.optim.AdamW(groups)  # accepted as they are
 
 
+@pytest.mark.parametrize("kernel", ["default", "fused"])
+def test_dense_optimizer_takes_the_configured_adamw_kernel(kernel):
+    from mixmim.transfer.dense_config import SegmentationConfig
+    from mixmim.transfer.train import build_optimizer
+
+    model = build_upernet(small_backbone(64), ADE_CLASSES, channels=16, aux_channels=8)
+    opt = build_optimizer(model, SegmentationConfig(lr=1e-3, adamw_kernel=kernel), "backbone.")
+    assert opt.defaults["fused"] is (True if kernel == "fused" else None)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for _ in model.parameters())
+
+
 def test_classifier_and_dense_backbone_share_one_layer_decay_rule():
     """Every encoder parameter gets the same lr scale in classification finetuning (timm groups over
     the classifier's group_matcher) and in the dense backbone: a patch merging with the block it feeds,

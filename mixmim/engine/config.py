@@ -14,11 +14,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+#: PyTorch's AdamW implementations a run may choose; ``mixmim.engine.optim.ADAMW_KERNELS`` says what each does.
+AdamWKernel = Literal["default", "fused"]
 
 
 class ConfigError(ValueError):
@@ -78,6 +81,7 @@ class PretrainConfig(RuntimeConfig):
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+    adamw_kernel: AdamWKernel = "default"  # default | fused (mixmim.engine.optim.ADAMW_KERNELS)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     knn_every: int = 0  # online k-NN (mixmim.probes) every N epochs on the dataset's train/val split; 0: off
     knn_k: int = 20
@@ -109,6 +113,7 @@ class FinetuneConfig(RuntimeConfig):
     layer_decay: float = 0.7
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    adamw_kernel: AdamWKernel = "default"  # default | fused (mixmim.engine.optim.ADAMW_KERNELS)
     drop_path: float | None = None  # default: the registered size's value (Table 12)
     randaug: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
@@ -128,6 +133,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(repr(a) for a in allowed)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

@@ -119,7 +119,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         data = train_data(dataset, cfg, cfg.batch_size, info)
         effective_batch = cfg.batch_size * cfg.accum_iter * info.world_size
         lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, effective_batch)
-        optimizer = build_adamw(model, lr, cfg.weight_decay, cfg.betas)
+        optimizer = build_adamw(model, lr, cfg.weight_decay, cfg.betas, kernel=cfg.adamw_kernel)
         total_steps = data.steps_per_epoch * cfg.epochs
         scheduler = build_cosine_schedule(optimizer, total_steps, round(cfg.warmup_epochs * data.steps_per_epoch),
                                           cfg.min_lr)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixmim.engine.config import ConfigError, RuntimeConfig
+from mixmim.engine.config import AdamWKernel, ConfigError, RuntimeConfig
 from mixmim.models.registry import MODEL_SIZES
 
 __all__ = ["DenseConfig", "DetectionConfig", "SegmentationConfig", "SCHEDULES", "check_config"]
@@ -56,6 +56,7 @@ class DenseConfig(RuntimeConfig):
     min_lr: float = 0.0  # poly / cosine floor
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
+    adamw_kernel: AdamWKernel = "default"  # default | fused (mixmim.engine.optim.ADAMW_KERNELS)
     layer_decay: float = 0.85  # 0.85 (B) / 0.9 (L)
     drop_path: float | None = None  # default: the registered size's value
     schedule: str = "step"  # step | poly | cosine, after a linear warmup

@@ -51,7 +51,7 @@ from ..engine.distributed import (
     DistInfo, all_gather_object, all_reduce_sum, broadcast_object,
 )
 from ..engine.loop import autocast_dtype
-from ..engine.optim import build_schedule
+from ..engine.optim import adamw, build_schedule
 from ..engine.runner import (
     TrainData, build_loop, close_last_epoch, engine_run, init_tags, periodic, save_final, train_data, wrap_model,
 )
@@ -122,7 +122,7 @@ def build_optimizer(model: nn.Module, cfg: DenseConfig, prefix: str) -> torch.op
     groups = param_groups_layer_decay(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, backbone_prefix=prefix)
     for group in groups:
         group["lr"] = cfg.lr
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return adamw(groups, cfg.lr, cfg.betas, cfg.adamw_kernel)
 
 
 # --------------------------------------------------------------------------- #
