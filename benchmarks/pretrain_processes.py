@@ -13,7 +13,8 @@ window (the first window, warm-up, left out):
 
 ``--adamw-kernels default fused`` runs each layout with each of PyTorch's AdamW kernels (the engine
 configs' ``adamw_kernel``, ``mixmim.engine.optim.ADAMW_KERNELS``), so one layout can be compared
-under both; every arm is compared with the first (first layout, first kernel).
+under both; every arm is compared with the first (first layout, first kernel). Without it, each run
+keeps the kernel its params file chooses.
 
 Each run has its own MLflow store. Needs the built-in data (``dvc repro prepare_data``).
 
@@ -58,17 +59,20 @@ def section(params: dict, dotted: str) -> dict:
 
 
 def stage_command(params_file: Path, sections: list[str], steps: int, batch: int, tmp: Path, tag: str,
-                  adamw_kernel: str = "default") -> tuple[list[str], str, Path]:
-    """The pretraining stage over a copy of ``params_file`` (roots absolute, its own store, a short run)."""
+                  adamw_kernel: str | None = None) -> tuple[list[str], str, Path]:
+    """The pretraining stage over a copy of ``params_file`` (roots absolute, its own store, a short run;
+    ``adamw_kernel`` replaces the params' choice unless None)."""
     params = yaml.safe_load(params_file.read_text())
     store = f"sqlite:///{tmp / f'{tag}.db'}"
     params["tracking"] = {**params["tracking"], "uri": store, "experiment": "bench"}
     # roots are relative to the params file's folder; the copy lives in the temporary folder
     params["roots"] = {k: str((params_file.parent / v).resolve()) for k, v in params["roots"].items()}
     # the last section wins when the stage merges them, so the short-run overrides go there
-    section(params, sections[-1]).update(epochs=1, warmup_epochs=0, knn_every=0, batch_size=batch,
-                                          max_steps_per_epoch=steps, log_every_steps=10, progress=False,
-                                          adamw_kernel=adamw_kernel)
+    overrides = dict(epochs=1, warmup_epochs=0, knn_every=0, batch_size=batch, max_steps_per_epoch=steps,
+                     log_every_steps=10, progress=False)
+    if adamw_kernel is not None:
+        overrides["adamw_kernel"] = adamw_kernel
+    section(params, sections[-1]).update(overrides)
     pfile = tmp / f"params_{tag}.yaml"
     pfile.write_text(yaml.safe_dump(params))
     metrics = tmp / f"{tag}.json"
@@ -79,7 +83,7 @@ def stage_command(params_file: Path, sections: list[str], steps: int, batch: int
 
 
 def run(layout: str, procs: int, batch: int, steps: int, tmp: Path, tag: str, params_file: Path,
-        sections: list[str], adamw_kernel: str = "default") -> list[float]:
+        sections: list[str], adamw_kernel: str | None = None) -> list[float]:
     """The window rates of one run of ``layout`` (``streams``: the sum of the side-by-side runs' rates)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     jobs = []
@@ -118,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per optimiser step (of each run, for streams)")
     p.add_argument("--steps", type=int, default=60, help="optimiser steps per run")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--adamw-kernels", nargs="+", choices=ADAMW_KERNELS, default=["default"],
-                   help="run every layout with each of these AdamW kernels (the engine's adamw_kernel)")
+    p.add_argument("--adamw-kernels", nargs="+", choices=ADAMW_KERNELS, default=[None],
+                   help="run every layout with each of these AdamW kernels (the engine's adamw_kernel; "
+                        "default: the params file's)")
     a = p.parse_args(argv)
     if "processes" in a.layouts and a.batch % a.procs:
         raise SystemExit(f"--batch {a.batch} is not divisible by --procs {a.procs} (the processes layout splits it)")
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     layouts, kernels = list(dict.fromkeys(a.layouts)), list(dict.fromkeys(a.adamw_kernels))
     arms = [(layout, kernel) for layout in layouts for kernel in kernels]
     if len(arms) < 2:
-        raise SystemExit(f"--layouts {' '.join(a.layouts)} --adamw-kernels {' '.join(a.adamw_kernels)}: name at "
-                         "least two different layouts, or two AdamW kernels, to compare")
+        raise SystemExit(f"--layouts {' '.join(a.layouts)}: name at least two different layouts, or two "
+                         "--adamw-kernels, to compare")
     if not a.params.is_file():
         raise SystemExit(f"--params {a.params}: no such file")
     base = arms[0]

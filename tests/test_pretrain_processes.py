@@ -52,7 +52,7 @@ def test_the_short_run_overrides_go_to_the_last_section_and_roots_become_absolut
 @pytest.mark.parametrize("argv, match", [
     (["--rounds", "1"], "--rounds 1: must be at least 2"),
     (["--layouts", "threads", "threads"], "name at least two different layouts"),
-    (["--layouts", "threads", "--adamw-kernels", "fused", "fused"], "or two AdamW kernels, to compare"),
+    (["--layouts", "threads", "--adamw-kernels", "fused", "fused"], "or two --adamw-kernels, to compare"),
     (["--batch", "15"], "--batch 15 is not divisible by --procs 2"),
     (["--params", "nowhere.yaml"], "--params nowhere.yaml: no such file"),
 ])
@@ -73,8 +73,10 @@ def test_threads_against_streams_prints_both_rates_and_a_ratio(tmp_path, capsys)
 
 def test_one_layout_under_two_adamw_kernels(tmp_path, capsys):
     params = _params(tmp_path)
-    script, _, _ = pretrain_processes.stage_command(params, ["pretrain"], 7, 4, tmp_path, "k", "fused")
+    pretrain_processes.stage_command(params, ["pretrain"], 7, 4, tmp_path, "k", "fused")
     assert yaml.safe_load((tmp_path / "params_k.yaml").read_text())["pretrain"]["adamw_kernel"] == "fused"
+    pretrain_processes.stage_command(params, ["pretrain"], 7, 4, tmp_path, "own")  # the params file's choice
+    assert "adamw_kernel" not in yaml.safe_load((tmp_path / "params_own.yaml").read_text())["pretrain"]
     pretrain_processes.main(["--params", str(params), "--layouts", "threads", "--adamw-kernels", "default", "fused",
                              "--batch", "4", "--steps", "20", "--rounds", "2"])
     out = capsys.readouterr().out
