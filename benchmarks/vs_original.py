@@ -34,10 +34,11 @@ Pinning the thresholds removes the faults for both sides:
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 6 --precision fp32 --memory
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 12 --processes --warmup 2 --steps 5
 
-``--ours-adamw fused`` is a what-if, not the comparison: our side's optimizer becomes PyTorch's
-fused AdamW kernel (not bit-identical to its per-parameter loop, which the engine uses and the
-original's side keeps). It says what adopting that kernel would do to the speed-up; the
-settings line names it, so ``pool_runs.py`` never pools such a run with the others.
+``--ours-adamw fused`` is not the comparison: our side's optimizer becomes PyTorch's fused AdamW
+kernel, which the engines build when a run sets ``adamw_kernel: fused`` (not bit-identical to
+PyTorch's per-parameter loop, the engines' default, which the original's side keeps). It says
+what training with that kernel does to the speed-up; the settings line names it, so
+``pool_runs.py`` never pools such a run with the others.
 
     python benchmarks/vs_original.py /tmp/mixmim-original --rounds 12 --processes --ours-adamw fused
 """
@@ -265,8 +266,9 @@ def main() -> None:
                         help="each round, run each side in a fresh process of its own (--warmup untimed, then "
                              "--steps timed steps; the round's figure is the process's median step)")
     parser.add_argument("--ours-adamw", choices=["loop", "fused"], default="loop",
-                        help="what-if: our side's AdamW as PyTorch's fused kernel (not bit-identical; the engine "
-                             "and the original's side use the default loop)")
+                        help="our side's AdamW as PyTorch's fused kernel, as the engines' adamw_kernel: fused "
+                             "builds it (not bit-identical; the engines' default and the original's side use "
+                             "the loop)")
     parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_counts(args)
