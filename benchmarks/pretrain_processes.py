@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm, values in ratios.items():
         ratio = t_interval(values, unit="rounds")
         print(f"{name(arm)} / {name(base)}, per round {', '.join(f'{x:.2f}' for x in values)}: mean "
-              f"{ratio.value:.2f}x (95% CI {ratio.low:.2f}-{ratio.high:.2f}, {ratio.method})")
+              f"{ratio.value:.3f}x (95% CI {ratio.low:.3f}-{ratio.high:.3f}, {ratio.method})")
 
 
 if __name__ == "__main__":
