@@ -1,5 +1,5 @@
 """Steady-state A/B, in one process, of variants of the CPU training path: the oneDNN linear
-backward (AMD route) and the segmented window attention node.
+backward (AMD route), the MLP on the BLAS route (Intel) and the segmented window attention node.
 
 On the AMD development machine a profiled step (``profile_step.py --only ours --shapes``) shows
 its largest operator after the products inside the weight gradients of the linear layers:
@@ -31,6 +31,11 @@ changes, each tried here against the code as it is, with the same model, weights
   strided layout, then the reshape copies it) and k, v and the output gradient once each; the
   variant writes q once and makes the other copies in one piece per block. The backward reads
   the segments' views of the saved buffers. Bit-identical.
+- ``blas-mlp`` (twentieth session, BLAS route only): on the route Intel CPUs take, the MLP is
+  autograd's own fc1, GELU and fc2, so its GELU gradient lands in a fresh 4C-wide buffer and three
+  nodes run. The variant is the BLAS twin of the AMD route's ``_OneDNNMlp``: one node, the same
+  ``addmm`` / ``mm`` products autograd's linear makes, and the GELU gradient written over the
+  gradient it is computed from. Bit-identical.
 
 ``--copy-times`` instead times, by the wall clock inside ordinary steps, each weight gradient's
 transposed copy and its product, by shape (what the profiler's table could not be trusted for).
@@ -38,12 +43,14 @@ transposed copy and its product, by shape (what the profiler's table could not b
 Each round times one step of each side, order alternating, and every timed step follows an
 untimed step of the same side (as in ``vs_original.py --steady``); the figure is the median
 of per-round ratios (current / variant, above 1 means the variant is faster) with a 95%
-bootstrap interval. The linear-backward variants (and ``--copy-times``) only touch the oneDNN
-route, so for them the script refuses to run where the CPU backend is the BLAS (Intel CPUs unless
-``MIXMIM_CPU_LINEAR=onednn``); ``segment-block-layout`` runs on either route.
+bootstrap interval. Each variant changes one linear route (``ROUTES``): the linear-backward
+variants (and ``--copy-times``) the oneDNN one, ``blas-mlp`` the BLAS one, and the script refuses a
+variant where the CPU backend is the other (``MIXMIM_CPU_LINEAR`` chooses it by hand);
+``segment-block-layout`` runs on either route.
 
     python benchmarks/backward_variants_ab.py --variant copy-workspace --rounds 10
     python benchmarks/backward_variants_ab.py --variant segment-block-layout --rounds 20
+    python benchmarks/backward_variants_ab.py --variant blas-mlp --rounds 20
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mixmim.models import build_pretrainer
 from mixmim.models import layers as L
@@ -68,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_original import bootstrap_median_ci  # noqa: E402  (sibling benchmark script)
 
 _MODEL_WEIGHT_GRAD = L._weight_grad  # the model's own, for the layers a variant leaves alone
+_MODEL_MLP_FORWARD = L.Mlp.forward
 
 
 def _keeps_blas(g2: torch.Tensor, x2: torch.Tensor) -> bool:
@@ -140,6 +149,49 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         return (gx.view(ctx.x_shape) if gx is not None else None), gw1, gb1, gw2, gb2
 
 
+class _BlasMlp(torch.autograd.Function):
+    """fc1, exact GELU, fc2 as one node on the BLAS route: the products autograd's ``F.linear``
+    makes for a contiguous input (``addmm`` forward; ``mm`` for the input and weight gradients,
+    the weight gradient as ``g.T @ x``), the GELU gradient written over its own input."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        x2 = x.view(-1, x.shape[-1])
+        h = torch.addmm(b1, x2, w1.t())
+        a = F.gelu(h)
+        ctx.save_for_backward(x2, w1, h, a, w2)
+        ctx.x_shape = x.shape
+        return torch.addmm(b2, a, w2.t()).view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, w1, h, a, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        ga = g2.mm(w2)
+        gw2 = g2.t().mm(a) if need[3] else None
+        gb2 = g2.sum(0) if need[4] else None
+        gh = L._GELU_BACKWARD_INTO(ga, h, grad_input=ga)
+        gx = gh.mm(w1).view(ctx.x_shape) if need[0] else None
+        gw1 = gh.t().mm(x2) if need[1] else None
+        gb1 = gh.sum(0) if need[2] else None
+        return gx, gw1, gb1, gw2, gb2
+
+
+def _blas_mlp_forward(self: L.Mlp, x: torch.Tensor) -> torch.Tensor:
+    """``Mlp.forward`` taking :class:`_BlasMlp` where the model's MLP is autograd's three nodes on
+    the BLAS route (fp32 on the CPU, contiguous input, biases, no dropout, exact GELU, training)."""
+    w1, w2, b1, b2 = self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias
+    if (isinstance(self.drop, nn.Identity) and self.act.approximate == "none" and b1 is not None
+            and b2 is not None and not L.onednn_linear_applies(x, w1) and x.device.type == "cpu"
+            and x.dtype == w1.dtype == w2.dtype == torch.float32 and x.is_contiguous()
+            and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+            and (x.requires_grad or w1.requires_grad or w2.requires_grad)):
+        return _BlasMlp.apply(x, w1, b1, w2, b2)
+    return _MODEL_MLP_FORWARD(self, x)
+
+
 class _BlockLayoutSegmentAttention(torch.autograd.Function):
     """The model's ``_SegmentAttention`` with one layout copy per block instead of per segment.
 
@@ -209,9 +261,24 @@ VARIANTS: dict[str, dict[str, object]] = {
     "blocked-transpose": {"_weight_grad": _blocked_weight_grad},
     "narrow-copy": {"_weight_grad": _narrow_copy_weight_grad},
     "segment-block-layout": {"_SegmentAttention": _BlockLayoutSegmentAttention},
+    "blas-mlp": {"Mlp.forward": _blas_mlp_forward},
 }
-BIT_IDENTICAL = {"copy-workspace", "gelu-recompute", "blocked-transpose", "narrow-copy", "segment-block-layout"}
-EITHER_ROUTE = {"segment-block-layout"}  # variants that do not go through the oneDNN linear route
+BIT_IDENTICAL = {"copy-workspace", "gelu-recompute", "blocked-transpose", "narrow-copy", "segment-block-layout",
+                 "blas-mlp"}
+# the CPU linear routes (layers.CPU_LINEAR_BACKEND) on which each variant changes what runs
+ROUTES: dict[str, set[str]] = {name: {"onednn"} for name in VARIANTS}
+ROUTES["segment-block-layout"] = {"onednn", "blas"}
+ROUTES["blas-mlp"] = {"blas"}
+_ROUTE_NAMES = {"onednn": "oneDNN", "blas": "BLAS"}
+
+
+def _owner(key: str) -> tuple[object, str]:
+    """The object holding a VARIANTS key (``name`` in ``layers``, or ``Class.attribute``) and the attribute."""
+    *path, attr = key.split(".")
+    obj: object = L
+    for part in path:
+        obj = getattr(obj, part)
+    return obj, attr
 
 
 @contextlib.contextmanager
@@ -219,14 +286,14 @@ def variant(name: str) -> Iterator[None]:
     """Swap the named variant's functions into ``mixmim.models.layers`` for the duration."""
     if name not in VARIANTS:
         raise ValueError(f"variant {name!r}; expected one of {sorted(VARIANTS)}")
-    saved = {k: getattr(L, k) for k in VARIANTS[name]}
+    saved = {k: getattr(*_owner(k)) for k in VARIANTS[name]}
     for k, v in VARIANTS[name].items():
-        setattr(L, k, v)
+        setattr(*_owner(k), v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(L, k, v)
+            setattr(*_owner(k), v)
 
 
 def gradients(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -306,10 +373,12 @@ def main() -> None:
     a = p.parse_args()
     if (a.variant is None) == (not a.copy_times):
         p.error("give one of --variant NAME and --copy-times")
-    if L.CPU_LINEAR_BACKEND != "onednn" and a.variant not in EITHER_ROUTE:
+    routes = ROUTES[a.variant] if a.variant else {"onednn"}
+    if L.CPU_LINEAR_BACKEND not in routes:
         what = f"--variant {a.variant}" if a.variant else "--copy-times"
+        (route,) = routes
         raise SystemExit(f"the CPU linear backend here is {L.CPU_LINEAR_BACKEND!r}; {what} changes the "
-                         "oneDNN route only (set MIXMIM_CPU_LINEAR=onednn to force it)")
+                         f"{_ROUTE_NAMES[route]} route only (set MIXMIM_CPU_LINEAR={route} to force it)")
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 224, 224)
     model = build_pretrainer(a.model)

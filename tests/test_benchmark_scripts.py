@@ -113,19 +113,27 @@ def test_segment_node_timing_keeps_the_results(monkeypatch):
     assert 0 < rest < acc[(step_breakdown.SEGMENTS, "forward")] + acc[(step_breakdown.SEGMENTS, "backward")]
 
 
-@pytest.fixture
-def onednn_everywhere(monkeypatch):
-    """Route every fp32 product of a small model through oneDNN, as MixMIM-B's are on AMD."""
+def _use_route(monkeypatch, route: str) -> None:
+    """Route every fp32 product of a small model through oneDNN, as MixMIM-B's are on AMD, or
+    through the BLAS, as on Intel."""
     from mixmim.models import layers
 
-    if layers._ONEDNN_LINEAR is None:
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "onednn")
-    monkeypatch.setattr(layers, "ONEDNN_MIN_MACS", 0)
+    if route == "onednn":
+        if layers._ONEDNN_LINEAR is None:
+            pytest.skip("this torch build has no oneDNN linear")
+        monkeypatch.setattr(layers, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", route)
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    _use_route(monkeypatch, "onednn")
 
 
 @pytest.mark.parametrize("name", sorted(variants_ab.VARIANTS))
-def test_backward_variants_compute_the_same_gradients(onednn_everywhere, monkeypatch, name):
+def test_backward_variants_compute_the_same_gradients(monkeypatch, name):
+    routes = variants_ab.ROUTES[name]
+    _use_route(monkeypatch, "onednn" if "onednn" in routes else "blas")
     calls = []
 
     def counted(fn):
@@ -189,7 +197,25 @@ def test_segment_block_layout_replaces_the_node_on_the_blas_route_too(monkeypatc
     assert "_BlockLayoutSegmentAttentionBackward" in names and "_SegmentAttentionBackward" not in names
     assert "_SegmentAttentionBackward" in _node_names(model(x).loss)
     assert variants_ab.max_difference("segment-block-layout", model, x) == 0.0
-    assert "segment-block-layout" in variants_ab.EITHER_ROUTE and layers._SegmentAttention.__name__ == "_SegmentAttention"
+    assert variants_ab.ROUTES["segment-block-layout"] == {"onednn", "blas"}
+    assert layers._SegmentAttention.__name__ == "_SegmentAttention"
+
+
+def test_blas_mlp_replaces_autograds_three_nodes_and_is_undone(monkeypatch):
+    from mixmim.models import layers
+
+    _use_route(monkeypatch, "blas")
+    torch.manual_seed(0)
+    model = build_pretrainer("mixmim_tiny", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    forward = layers.Mlp.forward
+    with variants_ab.variant("blas-mlp"):
+        names = _node_names(model(x).loss)
+        with torch.no_grad():  # not training: the model's own forward
+            assert model(x).loss.grad_fn is None
+    assert "_BlasMlpBackward" in names  # (the decoder's timm blocks keep their own GELU nodes)
+    assert layers.Mlp.forward is forward
+    assert "_BlasMlpBackward" not in _node_names(model(x).loss)
 
 
 def test_onednn_variants_are_refused_on_the_blas_route(monkeypatch):
@@ -200,6 +226,11 @@ def test_onednn_variants_are_refused_on_the_blas_route(monkeypatch):
         monkeypatch.setattr("sys.argv", ["backward_variants_ab.py", *argv])
         with pytest.raises(SystemExit, match=f"backend here is 'blas'; {what} changes the oneDNN route only"):
             variants_ab.main()
+    monkeypatch.setattr(layers, "CPU_LINEAR_BACKEND", "onednn")
+    monkeypatch.setattr("sys.argv", ["backward_variants_ab.py", "--variant", "blas-mlp"])
+    with pytest.raises(SystemExit, match=r"backend here is 'onednn'; --variant blas-mlp changes the BLAS route only "
+                                         r"\(set MIXMIM_CPU_LINEAR=blas"):
+        variants_ab.main()
 
 
 def test_ab_alternates_and_times_each_side_under_its_own_code():
